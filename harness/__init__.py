@@ -1,0 +1,1 @@
+"""The shared measurement harness of the KV-cache lessons (one module per concern)."""

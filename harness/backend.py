@@ -1,0 +1,385 @@
+"""Where requests go: the embedded vLLM engine, or an OpenAI-compatible vLLM server.
+
+The lessons never know which one they talk to. Both give, per request, the token IDs the
+engine saw, the engine's own cached-token count and the time to the first token; both start a
+variant cold (the embedded engine resets its prefix cache and checks the reset; a server's cache
+cannot be reset from outside, so each variant gets a fresh random ``cache_salt``, which vLLM
+mixes into the block hashes) and both expose the engine's cumulative prefix-cache counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from harness.engine import EngineOptions, build_llm, vllm_version
+from harness.errors import UserError
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    backend: str  # "vllm" (embedded) or "vllm-server"
+    model: str
+    device: str
+    block_size: int
+    vllm_version: str
+    endpoint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "backend": self.backend,
+            "model": self.model,
+            "device": self.device,
+            "block_size": self.block_size,
+            "vllm_version": self.vllm_version,
+        }
+        if self.endpoint:
+            out["endpoint"] = self.endpoint
+        return out
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One request's truth, as the engine reported it."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_ms: float
+    prompt_token_ids: list[int] | None  # what the engine saw, when it says
+    output_token_ids: list[int] | None
+    text: str
+
+
+@dataclass(frozen=True)
+class PrefixCounters:
+    """The engine's cumulative prefix-cache counters, in tokens."""
+
+    queries: int
+    hits: int
+
+    def __sub__(self, other: PrefixCounters) -> PrefixCounters:
+        return PrefixCounters(self.queries - other.queries, self.hits - other.hits)
+
+
+class Backend(Protocol):
+    info: EngineInfo
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt token IDs for ``messages`` under the model's chat template."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def start_variant(self) -> None:
+        """Make the next request start from an empty prefix cache."""
+        ...
+
+    def generate(
+        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+    ) -> Reply:
+        """Run one request; ``cache_salt`` (non-empty) keeps its cache apart from other salts."""
+        ...
+
+    def counters(self) -> PrefixCounters | None: ...
+
+    def close(self) -> None: ...
+
+
+class ChatTokenizer:
+    """The model's tokenizer and chat template, without an engine."""
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(model)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"could not load the tokenizer of {model}: {first}") from exc
+        if not getattr(self._tok, "chat_template", None):
+            raise UserError(f"model {model} has no chat template: use an instruct/chat model")
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        ids = self._tok.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(t) for t in ids]
+
+    def render_text(self, messages: Sequence[Message]) -> str:
+        text = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return str(text)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tok.encode(text, add_special_tokens=False)]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(token_ids)))
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._tok.decode([t]) for t in token_ids]
+
+
+WARMUP_PROMPT = "Warm-up. Count from one to ten in French: un, deux, trois"
+
+
+class OfflineBackend:
+    """The embedded engine: ``vllm.LLM`` in this process (its core in a child process)."""
+
+    def __init__(self, opts: EngineOptions, display_name: str) -> None:
+        from vllm import SamplingParams
+
+        self._sampling = SamplingParams
+        self.opts = opts
+        self.llm = build_llm(opts)
+        self.tokenizer = ChatTokenizer(opts.model)
+        block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
+        self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)
+        self.info = EngineInfo("vllm", display_name, opts.resolved_device(), block_size, vllm_version())
+        self._warm_up()
+
+    def _params(self, max_tokens: int) -> Any:
+        return self._sampling(max_tokens=max_tokens, temperature=0.0, seed=self.opts.seed)
+
+    def _warm_up(self) -> None:
+        # A raw (non-chat) prompt shares no prefix with any chat-templated lesson prompt.
+        self.llm.generate([WARMUP_PROMPT], self._params(4), use_tqdm=False)
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer.render(messages)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def start_variant(self) -> None:
+        for _ in range(50):
+            if self.llm.reset_prefix_cache():
+                return
+            time.sleep(0.1)  # blocks still held by a finishing request
+        raise RuntimeError("vLLM refused to reset its prefix cache (blocks still in use)")
+
+    def generate(
+        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+    ) -> Reply:
+        # Rendered here with the model's own chat template (as vLLM's chat entry point does),
+        # so the prediction and the engine see the very same token IDs.
+        return self.generate_tokens(self.render(messages), max_tokens, cache_salt)
+
+    def generate_tokens(
+        self, prompt_ids: Sequence[int], max_tokens: int = 1, cache_salt: str | None = None
+    ) -> Reply:
+        """Run one request given as token IDs (what the tests use to place divergences exactly)."""
+        from vllm.inputs import TokensPrompt
+
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise UserError(
+                f"prompt of {len(prompt_ids)} tokens (+{max_tokens} to generate) is longer than "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
+        out = self.llm.generate([prompt], self._params(max_tokens), use_tqdm=False)[0]
+        metrics = out.metrics
+        ttft = float(getattr(metrics, "first_token_latency", 0.0) or 0.0) * 1000.0
+        completion = out.outputs[0]
+        return Reply(
+            prompt_tokens=len(out.prompt_token_ids),
+            cached_tokens=int(out.num_cached_tokens or 0),
+            ttft_ms=ttft,
+            prompt_token_ids=list(out.prompt_token_ids),
+            output_token_ids=list(completion.token_ids),
+            text=completion.text,
+        )
+
+    def counters(self) -> PrefixCounters | None:
+        queries = hits = 0
+        for metric in self.llm.get_metrics():
+            if metric.name == "vllm:prefix_cache_queries":
+                queries += int(metric.value)
+            elif metric.name == "vllm:prefix_cache_hits":
+                hits += int(metric.value)
+        return PrefixCounters(queries, hits)
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):  # already down is fine
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+
+
+def _http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"{url} answered HTTP {exc.code}: {_server_message(exc)}") from exc
+
+
+def _server_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read().decode())
+        message = body.get("error", {}).get("message") or body.get("message") or str(body)
+    except Exception:
+        message = exc.reason
+    return str(message).strip().splitlines()[0] if str(message).strip() else str(exc.reason)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum each metric over its label sets (one server, possibly several engines)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_and_labels, _, value = line.rpartition(" ")
+        name = name_and_labels.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals
+
+
+def metric_label(text: str, metric: str, label: str) -> str | None:
+    """The value of ``label`` on the first sample of ``metric`` (for the *_info gauges)."""
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            labels = line[len(metric) + 1 : line.index("}")]
+            for part in labels.split('",'):
+                key, _, value = part.partition("=")
+                if key.strip() == label:
+                    return value.strip().strip('"')
+    return None
+
+
+class ServerBackend:
+    """An OpenAI-compatible vLLM server, started with ``--enable-prefix-caching
+    --enable-prompt-tokens-details``. Token IDs come from its ``/tokenize`` endpoint (its own
+    chat template), cached tokens from ``usage.prompt_tokens_details``, TTFT from the first
+    streamed chunk."""
+
+    def __init__(self, endpoint: str, model: str | None = None, block_size: int | None = None) -> None:
+        self.base = endpoint.rstrip("/").removesuffix("/v1")
+        try:
+            models = _http_json(self.base + "/v1/models", timeout=10)
+        except UserError:
+            raise
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"cannot reach a vLLM server at {endpoint}: {reason}") from exc
+        served = [m["id"] for m in models.get("data", [])]
+        if not served:
+            raise UserError(f"the server at {endpoint} serves no model")
+        if model and model not in served:
+            raise UserError(f"the server at {endpoint} serves {', '.join(served)}, not {model}")
+        self.model = model or served[0]
+        metrics_text = self._metrics_text()
+        found = metric_label(metrics_text, "vllm:cache_config_info", "block_size")
+        if block_size is None and found is None:
+            raise UserError(f"cannot read the block size from {endpoint}/metrics: pass --block-size")
+        self.block_size = int(block_size or int(found or 0))
+        caching = metric_label(metrics_text, "vllm:cache_config_info", "enable_prefix_caching")
+        if caching == "False":
+            raise UserError(f"the server at {endpoint} runs without --enable-prefix-caching")
+        try:
+            version = str(_http_json(self.base + "/version", timeout=10).get("version", "unknown"))
+        except Exception:
+            version = "unknown"
+        self.info = EngineInfo("vllm-server", self.model, "remote", self.block_size, version, self.base)
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=self.base + "/v1", api_key="EMPTY", timeout=600.0, max_retries=0)
+        self._salt = secrets.token_hex(8)
+        self.generate([{"role": "user", "content": WARMUP_PROMPT}], max_tokens=4)
+
+    def _metrics_text(self) -> str:
+        try:
+            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
+                return str(resp.read().decode())
+        except Exception as exc:
+            raise UserError(f"cannot read {self.base}/metrics: {exc}") from exc
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
+        return [int(t) for t in _http_json(self.base + "/tokenize", body)["tokens"]]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        body = {"model": self.model, "tokens": list(token_ids)}
+        return str(_http_json(self.base + "/detokenize", body)["prompt"])
+
+    def start_variant(self) -> None:
+        # A server's cache cannot be reset from outside (outside its dev mode); a new salt
+        # starts an empty, private cache namespace instead.
+        self._salt = secrets.token_hex(8)
+
+    def generate(
+        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+    ) -> Reply:
+        import openai
+
+        start = time.perf_counter()
+        ttft_ms = 0.0
+        text, usage = "", None
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model,
+                messages=list(messages),  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=0.0,
+                seed=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"cache_salt": cache_salt or self._salt},
+            )
+            for chunk in stream:
+                if chunk.choices and not ttft_ms:
+                    ttft_ms = (time.perf_counter() - start) * 1000.0
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except openai.APIStatusError as exc:
+            message = str(exc.message).strip().splitlines()[0]
+            raise UserError(f"the server refused the request: {message}") from exc
+        except openai.APIConnectionError as exc:
+            raise UserError(f"lost the connection to {self.base}: {exc}") from exc
+        if usage is None:
+            raise UserError("the server sent no usage: is it a vLLM OpenAI-compatible server?")
+        details = usage.prompt_tokens_details
+        if details is None or details.cached_tokens is None:
+            raise UserError(
+                "the server reports no cached tokens: start it with --enable-prompt-tokens-details"
+            )
+        return Reply(
+            prompt_tokens=int(usage.prompt_tokens),
+            cached_tokens=int(details.cached_tokens),
+            ttft_ms=ttft_ms,
+            prompt_token_ids=None,
+            output_token_ids=None,
+            text=text,
+        )
+
+    def counters(self) -> PrefixCounters | None:
+        totals = parse_prometheus(self._metrics_text())
+        return PrefixCounters(
+            int(totals.get("vllm:prefix_cache_queries_total", 0)),
+            int(totals.get("vllm:prefix_cache_hits_total", 0)),
+        )
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,161 @@
+"""The flags every lesson shares, opening the backend they ask for, and clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from harness.backend import Backend, OfflineBackend, ServerBackend
+from harness.engine import EngineOptions, detect_device
+from harness.errors import UserError
+from harness.measure import VariantResult, run_variant
+from harness.model import MODEL_ENV, resolve_model
+from harness.report import console, err_console
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        help=f"Hugging Face model id or local folder (default: ${MODEL_ENV}, else the embedded "
+        "SmolLM2-135M-Instruct prepared by setup_and_test.py)",
+    )
+    g.add_argument(
+        "--endpoint",
+        help="URL of a running OpenAI-compatible vLLM server (started with --enable-prefix-caching "
+        "--enable-prompt-tokens-details) to use instead of the embedded engine",
+    )
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the embedded engine runs (default: cuda if available, else cpu)",
+    )
+    g.add_argument("--dtype", help="model dtype (default: float32 on CPU, vLLM's choice on CUDA)")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        help="KV-cache block size in tokens (default: 32 on CPU, 16 on CUDA; CPU needs a "
+        "multiple of 32). With --endpoint: only if the server's /metrics does not say",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip torch.compile/CUDA graphs (default: on for CPU, vLLM's choice on CUDA)",
+    )
+    g.add_argument(
+        "--kv-cache-gib", type=float, help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE; default 2)"
+    )
+    g.add_argument(
+        "--threads", type=int, help="CPU threads for the engine (OMP_NUM_THREADS; default: all usable cores)"
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.85,
+        help="fraction of GPU memory vLLM may use on CUDA (default 0.85)",
+    )
+    g.add_argument(
+        "--max-model-len", type=int, help="context length the engine is built for (default: the model's)"
+    )
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="also write the results as JSON (DESIGN.md contract)")
+    o.add_argument(
+        "--quick",
+        action="store_true",
+        help="short prompts and few requests: a fast smoke run (what the tests use)",
+    )
+    o.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1,
+        help="tokens to generate per request; TTFT needs only the first (default 1)",
+    )
+
+
+def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True) -> EngineOptions:
+    spec = resolve_model(args.model)
+    if args.block_size is not None and args.block_size <= 0:
+        raise UserError(f"--block-size must be positive, got {args.block_size}")
+    device = args.device if args.device != "auto" else detect_device()
+    if device == "cpu" and args.block_size is not None and args.block_size % 32:
+        raise UserError(f"--block-size {args.block_size}: the CPU engine needs a multiple of 32")
+    return EngineOptions(
+        model=spec.name_or_path,
+        device=device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        enforce_eager=args.enforce_eager,
+        kv_cache_gib=args.kv_cache_gib,
+        threads=args.threads,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+
+
+def open_backend(args: argparse.Namespace) -> Backend:
+    """The embedded engine, or the server named by ``--endpoint``, with a progress display."""
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.endpoint:
+        with console.status(f"connecting to {args.endpoint} ..."):
+            return ServerBackend(args.endpoint, args.model, args.block_size)
+    opts = engine_options(args)
+    name = resolve_model(args.model).display_name
+    with console.status(f"starting vLLM on {opts.resolved_device()} with {name} (about 30-90 s on CPU) ..."):
+        return OfflineBackend(opts, name)
+
+
+@contextlib.contextmanager
+def backend_from_args(args: argparse.Namespace) -> Iterator[Backend]:
+    backend = open_backend(args)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a script's ``main``: bad input becomes one line on stderr and a non-zero exit."""
+    try:
+        return main(argv)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def exit_with(main: Callable[[list[str] | None], int]) -> None:
+    sys.exit(run_cli(main))
+
+
+def run_variants_with_progress(
+    backend: Backend,
+    variants: list[tuple[str, str, list[list[dict[str, str]]]]],
+    max_tokens: int,
+) -> list[VariantResult]:
+    """Measure each (name, label, requests) variant in order, each from a cold cache."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: list[VariantResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        for name, label, requests in variants:
+            task = progress.add_task(f"{name.upper():>6} requests", total=len(requests))
+            results.append(
+                run_variant(
+                    backend,
+                    name,
+                    label,
+                    requests,
+                    max_tokens,
+                    on_request=lambda _r, t=task: progress.advance(t),
+                )
+            )
+    return results

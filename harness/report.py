@@ -1,0 +1,172 @@
+"""Show results: rich tables for people, the JSON contract (DESIGN.md) for machines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from harness.backend import EngineInfo
+from harness.errors import UserError
+from harness.measure import RequestRecord, VariantResult, compare
+from harness.prefix import Divergence
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class ExampleResult:
+    """One lesson's run: what the JSON contract calls an example."""
+
+    example: str
+    engine: EngineInfo
+    variants: list[VariantResult]
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # lesson-specific top-level fields
+
+    def variant(self, name: str) -> VariantResult:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def comparison(self) -> dict[str, Any]:
+        return compare(self.variant("wrong"), self.variant("right"))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "example": self.example,
+            "engine": self.engine.to_json(),
+            "variants": [v.to_json() for v in self.variants],
+            "comparison": self.comparison(),
+        }
+        if self.notes:
+            out["notes"] = self.notes
+        out.update(self.extra)
+        return out
+
+
+def _mark(ok: bool | None) -> str:
+    if ok is None:
+        return "[dim]n/a[/]"
+    return "[green]yes[/]" if ok else "[bold red]NO[/]"
+
+
+def variant_table(variant: VariantResult, extra_columns: tuple[str, ...] = ()) -> Table:
+    table = Table(title=f"{variant.name.upper()}: {escape(variant.label)}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("prompt tok", justify="right")
+    table.add_column("cached (engine)", justify="right")
+    table.add_column("predicted", justify="right")
+    table.add_column("match", justify="center")
+    table.add_column("hit", justify="right")
+    table.add_column("TTFT ms", justify="right")
+    table.add_column("leaves cache at", justify="right")
+    for name in extra_columns:
+        table.add_column(name, justify="right")
+    for r in variant.requests:
+        hit = r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0
+        leaves = "-" if r.first_divergence >= r.prompt_tokens else str(r.first_divergence)
+        row = [
+            str(r.index),
+            f"{r.prompt_tokens:,}",
+            f"{r.cached_tokens:,}",
+            f"{r.predicted_cached_tokens:,}",
+            _mark(r.prediction_ok),
+            f"{hit:.0%}",
+            f"{r.ttft_ms:,.0f}",
+            leaves,
+        ]
+        row += [str(r.extra.get(name, "")) for name in extra_columns]
+        table.add_row(*row)
+    return table
+
+
+def divergence_panel(record: RequestRecord, title: str) -> Panel:
+    """The exact token where a prompt left the cache, with the text on both sides."""
+    d: Divergence | None = record.divergence
+    if d is None:
+        return Panel("nothing was cached yet", title=title)
+    body = (
+        f"token index [bold]{d.index}[/] of {record.prompt_tokens:,}; "
+        f"{record.cached_tokens:,} tokens served from cache\n\n"
+        f"[dim]...{escape(d.before)}[/]"
+        f"[bold red on white]{escape(d.token)}[/]"
+        f"[dim]{escape(d.after)}...[/]\n\n"
+    )
+    if d.previous_token:
+        body += (
+            f"the cached prompt had [bold]{escape(repr(d.previous_token))}[/] where this one has "
+            f"[bold]{escape(repr(d.token))}[/]"
+        )
+    else:
+        body += "the cached prompt ended here: everything from this token on is new"
+    return Panel(body, title=title, title_align="left")
+
+
+def summary_panel(result: ExampleResult) -> Panel:
+    c = result.comparison()
+    e = result.engine
+    lines = [
+        f"hit rate    WRONG [red]{c['hit_rate_wrong']:.1%}[/]   RIGHT [green]{c['hit_rate_right']:.1%}[/]",
+        f"TTFT median WRONG {result.variant('wrong').summary()['ttft_ms_median']:,.0f} ms   "
+        f"RIGHT {result.variant('right').summary()['ttft_ms_median']:,.0f} ms   "
+        f"speedup [bold]{c['ttft_speedup_median']:.1f}x[/]",
+        f"prediction == engine on every request: {_mark(c['prediction_matches'])}",
+    ]
+    for v in result.variants:
+        agree = v.counters_agree()
+        if agree is not None:
+            lines.append(f"engine counters agree with per-request numbers ({v.name}): {_mark(agree)}")
+    lines.append(
+        f"[dim]{e.backend} {e.vllm_version} | model {escape(e.model)} | device {e.device} | "
+        f"block size {e.block_size}[/]"
+    )
+    lines += [f"[dim]{escape(n)}[/]" for n in result.notes]
+    return Panel("\n".join(lines), title=f"{result.example}: summary", title_align="left")
+
+
+def show(result: ExampleResult, extra_columns: tuple[str, ...] = ()) -> None:
+    for v in result.variants:
+        console.print(variant_table(v, extra_columns))
+    console.print(summary_panel(result))
+
+
+def check_json_target(path: str | None) -> Path | None:
+    """Fail before any work if ``--json PATH`` cannot be written, or would overwrite something
+    that is not an earlier result of these lessons."""
+    if not path:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--json {path} is a directory; give a file name")
+    if not target.parent.exists():
+        raise UserError(f"--json {path}: folder {target.parent} does not exist")
+    if target.exists():
+        try:
+            existing = json.loads(target.read_text())
+            ours = isinstance(existing, dict) and ("example" in existing or "examples" in existing)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UserError(
+                f"--json {path} exists and is not a result file of these lessons; "
+                "remove it or choose another name"
+            )
+    return target
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    console.print(f"[dim]wrote {path}[/]")

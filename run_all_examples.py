@@ -1,0 +1,189 @@
+"""Run the KV-cache lessons in order, or the ones you name, on one shared engine.
+
+    1  stable_prefix_vs_timestamp    a timestamp at the top of the system prompt vs a stable prefix
+    2  append_only_vs_inplace_edit   JSON state edited in place vs an append-only, deterministic log
+    3  manual_cache_boundary         an explicit cache breakpoint for engines without prefix caching
+    4  session_consistency           session-sticky routing vs round robin across engine workers
+
+The engine starts once and every lesson that can share it does (its prefix cache is reset
+before each variant). A lesson that fails is reported and the others still run; the exit code
+is non-zero if any failed.
+
+Run:
+    python run_all_examples.py              # all lessons
+    python run_all_examples.py 1 3 --quick  # lessons 1 and 3, short prompts
+    python run_all_examples.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+import traceback
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from rich.table import Table
+
+from harness.backend import Backend
+from harness.cli import add_common_args, exit_with, open_backend
+from harness.errors import UserError
+from harness.report import ExampleResult, check_json_target, console, err_console, show, write_json
+
+
+@dataclass(frozen=True)
+class Lesson:
+    number: int
+    module: str
+    title: str
+    issue: int  # where its work is tracked while it is not built yet
+
+
+LESSONS = [
+    Lesson(
+        1, "stable_prefix_vs_timestamp", "a timestamp at the top of the system prompt vs a stable prefix", 2
+    ),
+    Lesson(2, "append_only_vs_inplace_edit", "JSON state edited in place vs an append-only log", 3),
+    Lesson(3, "manual_cache_boundary", "an explicit cache breakpoint without automatic caching", 4),
+    Lesson(4, "session_consistency", "session-sticky routing vs round robin across workers", 5),
+]
+BY_NUMBER = {lesson.number: lesson for lesson in LESSONS}
+
+
+def select(numbers: list[str]) -> list[Lesson]:
+    """Parse the lesson numbers; any bad one fails here, before anything loads."""
+    valid = ", ".join(str(n) for n in BY_NUMBER)
+    if not numbers:
+        return list(LESSONS)
+    chosen: list[Lesson] = []
+    for text in numbers:
+        if not text.isdigit() or int(text) not in BY_NUMBER:
+            raise UserError(f"unknown lesson '{text}': choose from {valid} (see --list)")
+        lesson = BY_NUMBER[int(text)]
+        if lesson in chosen:
+            raise UserError(f"lesson {lesson.number} is selected twice: choose from {valid}, each once")
+        chosen.append(lesson)
+    return chosen
+
+
+def load(lesson: Lesson) -> ModuleType | None:
+    """The lesson's module, or None while it is not built yet."""
+    try:
+        return importlib.import_module(lesson.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == lesson.module:
+            return None
+        raise
+
+
+def lesson_args(module: ModuleType, shared: argparse.Namespace) -> argparse.Namespace:
+    """The shared flags plus the lesson's own, at their defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    if hasattr(module, "add_lesson_args"):
+        module.add_lesson_args(parser)
+    args = parser.parse_args([])
+    for key, value in vars(shared).items():
+        setattr(args, key, value)
+    return args
+
+
+@dataclass
+class Outcome:
+    lesson: Lesson
+    status: str  # ok | failed | not yet
+    wall_s: float
+    result: ExampleResult | None = None
+    error: str = ""
+
+
+def run_lesson(lesson: Lesson, module: ModuleType, backend: Backend, args: argparse.Namespace) -> Outcome:
+    console.rule(f"[bold]Lesson {lesson.number}: {lesson.module}[/]")
+    start = time.perf_counter()
+    try:
+        result: ExampleResult = module.run(backend, lesson_args(module, args))
+    except UserError as exc:
+        return Outcome(lesson, "failed", time.perf_counter() - start, error=str(exc))
+    except Exception as exc:  # one lesson's bug must not hide the others' results
+        err_console.print(traceback.format_exc())
+        return Outcome(lesson, "failed", time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+    show(result)
+    if hasattr(module, "explain"):
+        module.explain(result)
+    return Outcome(lesson, "ok", time.perf_counter() - start, result)
+
+
+def summary_table(outcomes: list[Outcome]) -> Table:
+    table = Table(title="All lessons", title_justify="left")
+    for name in ("#", "lesson", "status", "hit WRONG", "hit RIGHT", "TTFT speedup", "prediction", "wall s"):
+        table.add_column(name, justify="left" if name in ("lesson", "status") else "right")
+    for o in outcomes:
+        row = [str(o.lesson.number), o.lesson.module]
+        if o.result is not None:
+            c = o.result.comparison()
+            row += [
+                "[green]ok[/]",
+                f"{c['hit_rate_wrong']:.1%}",
+                f"{c['hit_rate_right']:.1%}",
+                f"{c['ttft_speedup_median']:.1f}x",
+                "[green]exact[/]" if c["prediction_matches"] else "[red]mismatch[/]",
+            ]
+        elif o.status == "not yet":
+            row += [f"[yellow]not yet[/] (issue #{o.lesson.issue})", "", "", "", ""]
+        else:
+            row += [f"[red]failed[/]: {o.error}", "", "", "", ""]
+        row.append(f"{o.wall_s:.0f}")
+        table.add_row(*row)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "lessons", nargs="*", metavar="N", help="lesson numbers to run, in that order (default: all)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the lessons and exit")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    chosen = select(args.lessons)
+    if args.list:
+        for lesson in LESSONS:
+            state = "" if load(lesson) is not None else f"  [not yet: issue #{lesson.issue}]"
+            console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}{state}")
+        return 0
+    json_path = check_json_target(args.json)
+    start = time.perf_counter()
+    modules = {lesson.number: load(lesson) for lesson in chosen}
+    outcomes: list[Outcome] = []
+    backend: Backend | None = None
+    try:
+        for lesson in chosen:
+            module = modules[lesson.number]
+            if module is None:
+                outcomes.append(Outcome(lesson, "not yet", 0.0))
+                continue
+            if backend is None:
+                backend = open_backend(args)  # started once, shared by every lesson
+            outcomes.append(run_lesson(lesson, module, backend, args))
+    finally:
+        if backend is not None:
+            backend.close()
+    wall_s = time.perf_counter() - start
+    console.print(summary_table(outcomes))
+    payload: dict[str, Any] = {
+        "examples": [o.result.to_json() for o in outcomes if o.result is not None],
+        "wall_s": round(wall_s, 3),
+        "status": {o.lesson.module: o.status for o in outcomes},
+    }
+    write_json(json_path, payload)
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        err_console.print(f"[bold red]lesson {o.lesson.number} failed:[/] {o.error}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    exit_with(main)

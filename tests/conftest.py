@@ -1,0 +1,49 @@
+"""Shared fixtures. One real vLLM engine serves the whole test session: starting one costs
+30-90 s and about 3 GB on CPU, and this machine runs one engine at a time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.backend import ChatTokenizer, OfflineBackend  # noqa: E402
+from harness.engine import EngineOptions  # noqa: E402
+from harness.model import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    # Fails (not skips) when the default model is missing: setup_and_test.py prepares it.
+    return resolve_model(None).name_or_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: str) -> ChatTokenizer:
+    return ChatTokenizer(model_path)
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: str) -> Iterator[OfflineBackend]:
+    backend = OfflineBackend(EngineOptions(model=model_path, block_size=32), "SmolLM2-135M-Instruct")
+    yield backend
+    backend.close()
+
+
+def run_script(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's scripts the way a user would, from the repository root."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("COLUMNS", "120")
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

@@ -1,0 +1,77 @@
+"""The cache rule on hand-computed cases: cached = B * floor(min(P, L - 1) / B)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.prefix import PrefixCacheModel, cached_tokens_for, common_prefix_len, explain_divergence
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([5], [6]) == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "prefix", "block", "expected"),
+    [
+        (100, 0, 32, 0),  # nothing shared
+        (100, 31, 32, 0),  # divergence inside the first block: nothing reusable
+        (100, 32, 32, 32),  # divergence exactly at a block boundary
+        (100, 33, 32, 32),  # one token into the second block
+        (100, 63, 32, 32),
+        (100, 64, 32, 64),
+        (100, 100, 32, 96),  # identical prompt: the partial last block is not cached
+        (96, 96, 32, 64),  # identical, block-aligned: the last token is recomputed, so its block is too
+        (97, 96, 32, 96),  # L - 1 == 96 is block-aligned: all 3 blocks reused
+        (33, 33, 32, 32),
+        (32, 32, 32, 0),  # a one-block identical prompt reuses nothing
+        (1, 1, 32, 0),
+        (0, 0, 32, 0),
+        (300, 250, 128, 128),
+        (300, 299, 16, 288),
+    ],
+)
+def test_cached_tokens_for(prompt_len: int, prefix: int, block: int, expected: int) -> None:
+    assert cached_tokens_for(prompt_len, prefix, block) == expected
+
+
+def test_cached_tokens_for_rejects_bad_block_size() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        cached_tokens_for(10, 5, 0)
+
+
+def test_model_predicts_against_best_earlier_sequence() -> None:
+    m = PrefixCacheModel(block_size=4)
+    a = list(range(20))
+    b = list(range(10)) + [99] * 10
+    assert m.predict(a).cached_tokens == 0
+    m.record(a)
+    m.record(b)
+    p = m.predict(list(range(18)) + [7, 7])
+    assert (p.common_prefix, p.cached_tokens, p.source) == (18, 16, 0)
+    p = m.predict(list(range(10)) + [99, 99, 99, 1])
+    assert (p.common_prefix, p.cached_tokens, p.source) == (13, 12, 1)
+    m.reset()
+    assert m.predict(a).cached_tokens == 0
+
+
+def test_generated_tokens_count_except_the_last() -> None:
+    # The last sampled token's KV is never computed, so it can never be served from cache.
+    m = PrefixCacheModel(block_size=4)
+    m.record([1, 2, 3, 4, 5, 6], output=[7, 8, 9])
+    p = m.predict([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    assert p.common_prefix == 8
+    assert p.cached_tokens == 8
+
+
+def test_explain_divergence_reports_both_sides() -> None:
+    def decode(ids: object) -> str:
+        return "".join(chr(ord("a") + i) for i in ids)  # type: ignore[attr-defined]
+
+    d = explain_divergence([0, 1, 2, 3, 4], [0, 1, 9, 3], decode, context_tokens=2)
+    assert (d.index, d.before, d.token, d.after, d.previous_token) == (2, "ab", "c", "de", "j")
+    same = explain_divergence([0, 1], [0, 1, 2], decode)
+    assert (same.index, same.token, same.previous_token) == (2, "", "c")

@@ -1,0 +1,61 @@
+"""Lesson 1 against a real OpenAI-compatible vLLM server that the test starts and stops."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_script
+
+from harness.backend import ServerBackend
+from harness.engine import EngineOptions
+from harness.errors import UserError
+from harness.servers import LocalServers, ServerProcess
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    logs = tmp_path_factory.mktemp("server-logs")
+    with LocalServers(EngineOptions(model=model_path, device="cpu"), count=1, log_dir=logs) as servers:
+        yield servers[0]
+    assert not servers[0].alive()
+
+
+def test_lesson1_quick_against_the_server(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "l1.json"
+    proc = run_script(
+        "stable_prefix_vs_timestamp.py", "--quick", "--endpoint", server.url, "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["engine"]["backend"] == "vllm-server"
+    assert data["engine"]["block_size"] == 32
+    for variant in data["variants"]:
+        for r in variant["requests"]:
+            assert r["cached_tokens"] == r["predicted_cached_tokens"], (variant["name"], r)
+            assert r["ttft_ms"] > 0
+        # the server's own /metrics counters tell the same story as the per-request usage
+        assert variant["engine_counters"]["agree_with_requests"] is True
+    wrong, right = (v["summary"] for v in data["variants"])
+    assert wrong["cached_tokens"] == 0
+    assert right["hit_rate"] > wrong["hit_rate"] + 0.4
+
+
+def test_each_variant_starts_cold_on_a_warm_server(server: ServerProcess) -> None:
+    backend = ServerBackend(server.url)
+    messages = [{"role": "system", "content": "Stay brief. " * 60}, {"role": "user", "content": "Hi"}]
+    backend.start_variant()
+    backend.generate(messages)
+    assert backend.generate(messages).cached_tokens > 0
+    backend.start_variant()  # new cache_salt: the same prompt is cold again
+    assert backend.generate(messages).cached_tokens == 0
+
+
+def test_server_refuses_a_prompt_longer_than_the_context(server: ServerProcess) -> None:
+    backend = ServerBackend(server.url)
+    with pytest.raises(UserError, match="the server refused the request"):
+        backend.generate([{"role": "user", "content": "word " * 9000}])

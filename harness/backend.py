@@ -108,11 +108,15 @@ class ChatTokenizer:
         if not getattr(self._tok, "chat_template", None):
             raise UserError(f"model {model} has no chat template: use an instruct/chat model")
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         ids = self._tok.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
         )
         return [int(t) for t in ids]
+
+    def render_conversation(self, messages: Sequence[Message]) -> list[int]:
+        """The messages alone, without the assistant header a request ends with."""
+        return self.render(messages, add_generation_prompt=False)
 
     def render_text(self, messages: Sequence[Message]) -> str:
         text = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

@@ -66,7 +66,8 @@ def cpu_threads() -> int:
 def apply_environment(opts: EngineOptions) -> None:
     """Set the environment vLLM reads at start-up. Must run before the engine is built (the
     engine core runs in a child process that inherits it)."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM warns at length about CPU builds; the lessons print what matters (set it to see).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.resolved_device() != "cpu":
         return

@@ -98,7 +98,7 @@ def divergence_panel(record: RequestRecord, title: str) -> Panel:
         f"token index [bold]{d.index}[/] of {record.prompt_tokens:,}; "
         f"{record.cached_tokens:,} tokens served from cache\n\n"
         f"[dim]...{escape(d.before)}[/]"
-        f"[bold red on white]{escape(d.token)}[/]"
+        f"[bold red on white]«{escape(d.token)}»[/]"
         f"[dim]{escape(d.after)}...[/]\n\n"
     )
     if d.previous_token:

@@ -53,8 +53,10 @@ def has_cuda_gpu() -> bool:
 
 def unmet_requirements(path: Path) -> list[str]:
     """Lines of a requirements file that the running interpreter does not satisfy."""
-    from packaging.requirements import Requirement
-
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # a bare interpreter: let pip decide what is missing
+        return [ln for ln in path.read_text().splitlines() if ln.split("#", 1)[0].strip()]
     unmet = []
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()

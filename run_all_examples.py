@@ -22,6 +22,7 @@ import importlib
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -138,6 +139,55 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     return table
 
 
+def check_report_dir(path: str | None) -> Path | None:
+    """Fail early if ``--report DIR`` would mix with or overwrite files that are not a report."""
+    if not path:
+        return None
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--report {path} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "summary.json").is_file():
+        raise UserError(f"--report {path} is a folder with other files in it; choose a new or empty one")
+    return folder
+
+
+def write_report(folder: Path, payload: dict[str, Any], outcomes: list[Outcome]) -> None:
+    """summary.json, the plots, and a report.md that shows them."""
+    from harness.plots import plot_example
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "summary.json", payload)
+    lines = ["# KV-cache lessons: run report", ""]
+    examples = payload["examples"]
+    if examples:
+        e = examples[0]["engine"]
+        lines += [
+            f"Engine: {e['backend']} {e['vllm_version']}, model {e['model']}, device {e['device']}, "
+            f"block size {e['block_size']}. Wall time {payload['wall_s']:.0f} s.",
+            "",
+        ]
+    lines += [
+        "| # | lesson | status | hit WRONG | hit RIGHT | TTFT speedup | prediction exact | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        if o.result is not None:
+            c = o.result.comparison()
+            lines.append(
+                f"| {o.lesson.number} | {o.lesson.module} | ok | {c['hit_rate_wrong']:.1%} | "
+                f"{c['hit_rate_right']:.1%} | {c['ttft_speedup_median']:.1f}x | "
+                f"{'yes' if c['prediction_matches'] else 'NO'} | {o.wall_s:.0f} |"
+            )
+        else:
+            lines.append(f"| {o.lesson.number} | {o.lesson.module} | {o.status} | | | | | {o.wall_s:.0f} |")
+    for example in examples:
+        lines += ["", f"## {example['example']}", ""]
+        for png in plot_example(example, folder):
+            lines.append(f"![{png.stem}]({png.name})")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    console.print(f"[dim]wrote the report into {folder}/ (report.md, summary.json, plots)[/]")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "lessons", nargs="*", metavar="N", help="lesson numbers to run, in that order (default: all)"
     )
     parser.add_argument("--list", action="store_true", help="list the lessons and exit")
+    parser.add_argument(
+        "--report", metavar="DIR", help="write summary.json, report.md and PNG plots of the run into DIR"
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     chosen = select(args.lessons)
@@ -155,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}{state}")
         return 0
     json_path = check_json_target(args.json)
+    report_dir = check_report_dir(args.report)
     start = time.perf_counter()
     modules = {lesson.number: load(lesson) for lesson in chosen}
     outcomes: list[Outcome] = []
@@ -179,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": {o.lesson.module: o.status for o in outcomes},
     }
     write_json(json_path, payload)
+    if report_dir is not None:
+        write_report(report_dir, payload, outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         err_console.print(f"[bold red]lesson {o.lesson.number} failed:[/] {o.error}")

@@ -175,7 +175,7 @@ def checklist(results: list[tuple[str, bool | None, str]]) -> None:
     table = Table(title="setup_and_test", title_justify="left")
     table.add_column("step")
     table.add_column("result")
-    table.add_column("detail")
+    table.add_column("detail", overflow="fold")
     for name, ok, detail in results:
         mark = "[green]PASS[/]" if ok else "[dim]skip[/]" if ok is None else "[bold red]FAIL[/]"
         table.add_row(name, mark, detail)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.engine import CPU_DEFAULT_KV_CACHE_GIB, EngineOptions, cpu_threads
+from harness.engine import CPU_DEFAULT_KV_CACHE_GIB, EngineOptions, cpu_threads, usable_cores
 from harness.errors import UserError
 
 
@@ -69,6 +69,8 @@ def server_command(opts: EngineOptions, port: int) -> list[str]:
     cmd.append("--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching")
     if opts.max_model_len is not None:
         cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.max_num_batched_tokens is not None:
+        cmd += ["--max-num-batched-tokens", str(opts.max_num_batched_tokens)]
     if device == "cpu":
         cmd += ["--dtype", opts.dtype or "float32"]
         if opts.enforce_eager is not False:
@@ -93,8 +95,10 @@ def server_environment(opts: EngineOptions, index: int, count: int) -> dict[str,
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(-(-kv // 1))))
         if count > 1 and count <= cores:
             # Give each worker its own cores, so N workers do not fight over the same ones.
-            first = index * threads
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + threads - 1}"
+            ids = sorted(usable_cores())[index * threads : (index + 1) * threads]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in ids)
+        else:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = opts.resolved_omp_bind()
     return env
 
 

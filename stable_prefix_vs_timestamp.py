@@ -90,7 +90,7 @@ def add_lesson_args(parser: argparse.ArgumentParser) -> None:
 
 
 def turns_from(args: argparse.Namespace) -> int:
-    turns = int(args.turns or (QUICK_TURNS if args.quick else DEFAULT_TURNS))
+    turns = int(args.turns if args.turns is not None else (QUICK_TURNS if args.quick else DEFAULT_TURNS))
     if turns < 2:
         raise UserError(f"--turns must be at least 2 (a cache can only help from the second), got {turns}")
     return turns

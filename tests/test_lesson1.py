@@ -70,8 +70,9 @@ def test_quick_lesson_on_the_engine(engine: OfflineBackend) -> None:
     assert json.loads(json.dumps(data))["example"] == "stable_prefix_vs_timestamp"
 
 
-def test_turns_below_two_is_a_one_line_error() -> None:
-    proc = run_script("stable_prefix_vs_timestamp.py", "--turns", "1")
+@pytest.mark.parametrize("turns", ["1", "0", "-3"])
+def test_turns_below_two_is_a_one_line_error(turns: str) -> None:
+    proc = run_script("stable_prefix_vs_timestamp.py", "--turns", turns)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --turns must be at least 2")
     assert "Traceback" not in proc.stderr

@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         help="vLLM's prefill chunk size (default: the harness's choice)",
     )
     parser.add_argument("--dtype", default=None, help="engine dtype (default float32)")
+    parser.add_argument(
+        "--preload-iomp",
+        action="store_true",
+        help="run the engine with Intel's OpenMP runtime preloaded (libiomp5)",
+    )
     parser.add_argument("--skip-transformers", action="store_true", help="only measure vLLM")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         omp_bind=args.omp_bind,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        preload_iomp=args.preload_iomp,
     )
     with console.status("vLLM: starting and measuring ..."):
         vllm = bench_vllm(opts, prompts, args.reps)
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "threads": threads,
             "omp_bind": opts.resolved_omp_bind(),
+            "preload_iomp": args.preload_iomp,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "dtype": args.dtype or "float32",
             "vllm_version": vllm_version(),

@@ -135,6 +135,16 @@ class ChatTokenizer:
 WARMUP_PROMPT = "Warm-up. Count from one to ten in French: un, deux, trois"
 
 
+def _vllm_collectors() -> list[Any]:
+    """vLLM's metric objects registered in this process's Prometheus registry right now."""
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:  # pragma: no cover - vLLM depends on it
+        return []
+    # The same test vLLM itself uses to find (and unregister) its collectors.
+    return [c for c in list(REGISTRY._collector_to_names) if str(getattr(c, "_name", "")).startswith("vllm:")]
+
+
 class OfflineBackend:
     """The embedded engine: ``vllm.LLM`` in this process (its core in a child process)."""
 
@@ -143,7 +153,13 @@ class OfflineBackend:
 
         self._sampling = SamplingParams
         self.opts = opts
+        before = _vllm_collectors()
         self.llm = build_llm(opts)
+        # vLLM reports through the process-wide Prometheus registry, and every new engine
+        # unregisters the collectors of the engines before it (get_metrics() then shows the
+        # newest engine's numbers only). Keep this engine's own, so its counters stay right
+        # when another engine starts in the same process (lesson 3's engine without caching).
+        self._collectors = [c for c in _vllm_collectors() if all(c is not b for b in before)]
         self.tokenizer = ChatTokenizer(opts.model)
         block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)
@@ -206,11 +222,20 @@ class OfflineBackend:
 
     def counters(self) -> PrefixCounters | None:
         queries = hits = 0
-        for metric in self.llm.get_metrics():
-            if metric.name == "vllm:prefix_cache_queries":
-                queries += int(metric.value)
-            elif metric.name == "vllm:prefix_cache_hits":
-                hits += int(metric.value)
+        if not self._collectors:  # none found at start-up: what vLLM's registry says
+            for metric in self.llm.get_metrics():
+                if metric.name == "vllm:prefix_cache_queries":
+                    queries += int(metric.value)
+                elif metric.name == "vllm:prefix_cache_hits":
+                    hits += int(metric.value)
+            return PrefixCounters(queries, hits)
+        for collector in self._collectors:
+            for metric in collector.collect():
+                for sample in metric.samples:
+                    if sample.name == "vllm:prefix_cache_queries_total":
+                        queries += int(sample.value)
+                    elif sample.name == "vllm:prefix_cache_hits_total":
+                        hits += int(sample.value)
         return PrefixCounters(queries, hits)
 
     def close(self) -> None:

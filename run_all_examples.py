@@ -99,7 +99,14 @@ class Outcome:
     error: str = ""
 
 
-def run_lesson(lesson: Lesson, module: ModuleType, backend: Backend, args: argparse.Namespace) -> Outcome:
+def own_engines(module: ModuleType | None) -> bool:
+    """Lessons that start their own engines (lesson 4's workers) do not use the shared one."""
+    return bool(getattr(module, "OWN_ENGINES", False))
+
+
+def run_lesson(
+    lesson: Lesson, module: ModuleType, backend: Backend | None, args: argparse.Namespace
+) -> Outcome:
     console.rule(f"[bold]Lesson {lesson.number}: {lesson.module}[/]")
     start = time.perf_counter()
     try:
@@ -109,7 +116,7 @@ def run_lesson(lesson: Lesson, module: ModuleType, backend: Backend, args: argpa
     except Exception as exc:  # one lesson's bug must not hide the others' results
         err_console.print(traceback.format_exc())
         return Outcome(lesson, "failed", time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
-    show(result)
+    show(result, extra_columns=getattr(module, "TABLE_COLUMNS", ()))
     if hasattr(module, "explain"):
         module.explain(result)
     return Outcome(lesson, "ok", time.perf_counter() - start, result)
@@ -214,13 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     backend: Backend | None = None
     try:
-        for lesson in chosen:
+        for position, lesson in enumerate(chosen):
             module = modules[lesson.number]
             if module is None:
                 outcomes.append(Outcome(lesson, "not yet", 0.0))
                 continue
+            if own_engines(module):
+                later = [modules[x.number] for x in chosen[position + 1 :]]
+                if backend is not None and not any(m is not None and not own_engines(m) for m in later):
+                    backend.close()  # nothing later needs it: give its memory to this lesson's engines
+                    backend = None
+                outcomes.append(run_lesson(lesson, module, backend, args))
+                continue
             if backend is None:
-                backend = open_backend(args)  # started once, shared by every lesson
+                backend = open_backend(args)  # started once, shared by every lesson that can
             outcomes.append(run_lesson(lesson, module, backend, args))
     finally:
         if backend is not None:

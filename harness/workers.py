@@ -1,0 +1,347 @@
+"""Several OpenAI-compatible vLLM workers at once: an async client per worker, their counters,
+crashing one on purpose, and an off-the-shelf router (``vllm-router``) in front of them.
+
+Used by lesson 4. Everything a worker reports here is its own truth: per request the prompt
+token IDs it saw, the tokens it served from its prefix cache
+(``usage.prompt_tokens_details.cached_tokens``) and the time to the first streamed token; per
+worker the cumulative ``vllm:prefix_cache_{queries,hits}_total`` counters of its ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from harness.backend import Message, PrefixCounters, metric_label, parse_prometheus
+from harness.errors import UserError
+from harness.servers import free_port, stop_process_group
+
+
+@dataclass
+class Worker:
+    """One engine worker. ``name`` is what a router hashes (stable across runs, unlike a port);
+    ``process`` is set only when this program started the server, and only then may it stop it."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    model: str
+    block_size: int
+    vllm_version: str
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request's truth, as the worker that served it reported it."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_ms: float
+    prompt_token_ids: list[int] | None
+    output_token_ids: list[int]
+    text: str
+
+
+class WorkerUnavailable(Exception):
+    """The connection to a worker failed or broke mid-request: the request was not answered."""
+
+
+def _get(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return bytes(resp.read())
+
+
+def probe_endpoint(url: str, timeout: float = 10.0) -> EndpointInfo:
+    """Check that ``url`` is a vLLM server with prefix caching on, before any work is done."""
+    base = base_url(url)
+    try:
+        models = json.loads(_get(base + "/v1/models", timeout))
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"cannot reach a vLLM server at {url}: /v1/models answered HTTP {exc.code}") from exc
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot reach a vLLM server at {url}: {reason}") from exc
+    served = [m["id"] for m in models.get("data", [])]
+    if not served:
+        raise UserError(f"the server at {url} serves no model")
+    try:
+        metrics = _get(base + "/metrics", timeout).decode()
+    except OSError as exc:
+        raise UserError(f"cannot read {base}/metrics: {exc}") from exc
+    block = metric_label(metrics, "vllm:cache_config_info", "block_size")
+    if block is None:
+        raise UserError(f"cannot read the block size from {base}/metrics: is it a vLLM server?")
+    if metric_label(metrics, "vllm:cache_config_info", "enable_prefix_caching") == "False":
+        raise UserError(f"the server at {url} runs without --enable-prefix-caching")
+    try:
+        version = str(json.loads(_get(base + "/version", timeout)).get("version", "unknown"))
+    except (OSError, ValueError):
+        version = "unknown"
+    return EndpointInfo(served[0], int(block), version)
+
+
+def base_url(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+class AsyncWorkerClient:
+    """The official ``openai`` async client pointed at one worker, plus its side doors
+    (``/tokenize``, ``/metrics``, ``/health``)."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        request_timeout_s: float = 900.0,
+        unavailable_statuses: tuple[int, ...] = (502, 503, 504),
+    ) -> None:
+        from openai import AsyncOpenAI
+
+        self.url = base_url(url)
+        self.model = model
+        # HTTP statuses that mean "the worker behind this URL is gone": a proxy's, not a
+        # refusal of the request itself (vllm-router answers 500 when its worker is dead).
+        self.unavailable_statuses = unavailable_statuses
+        # max_retries=0: a retry is a routing decision, and the lesson makes it itself.
+        self.openai = AsyncOpenAI(
+            base_url=self.url + "/v1", api_key="EMPTY", timeout=request_timeout_s, max_retries=0
+        )
+        self.http = httpx.AsyncClient(timeout=30.0)
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        cache_salt: str,
+        max_tokens: int = 1,
+        headers: dict[str, str] | None = None,
+        on_accepted: Callable[[], Awaitable[None]] | None = None,
+    ) -> Served:
+        """Stream one greedy chat completion; TTFT is the arrival of the first streamed token.
+
+        ``on_accepted`` runs once the worker has accepted the request (its response headers
+        are in) and before its first token: the moment a request is "in flight".
+        """
+        import openai
+
+        start = time.perf_counter()
+        ttft_ms = 0.0
+        prompt_ids: list[int] | None = None
+        output_ids: list[int] = []
+        text, usage = "", None
+        try:
+            stream = await self.openai.chat.completions.create(
+                model=self.model,
+                messages=list(messages),  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=0.0,
+                seed=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers,
+                # return_token_ids: the prompt IDs the engine saw (first chunk) and every
+                # generated ID, so the cache model records exactly what the worker computed.
+                extra_body={"cache_salt": cache_salt, "return_token_ids": True},
+            )
+            if on_accepted is not None:
+                await on_accepted()
+            async for chunk in stream:
+                extra = chunk.model_extra or {}
+                if extra.get("prompt_token_ids") is not None:
+                    prompt_ids = [int(t) for t in extra["prompt_token_ids"]]
+                if chunk.choices and not ttft_ms:
+                    ttft_ms = (time.perf_counter() - start) * 1000.0
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    ids = (choice.model_extra or {}).get("token_ids")
+                    if ids:
+                        output_ids.extend(int(t) for t in ids)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except (openai.APIConnectionError, httpx.TransportError) as exc:
+            raise WorkerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        except openai.APIStatusError as exc:
+            if exc.status_code in self.unavailable_statuses:
+                raise WorkerUnavailable(f"{self.url}: HTTP {exc.status_code}") from exc
+            message = str(exc.message).strip().splitlines()[0]
+            raise UserError(f"{self.url} refused the request: {message}") from exc
+        if usage is None:
+            raise WorkerUnavailable(f"{self.url}: the stream ended without usage (worker lost?)")
+        details = usage.prompt_tokens_details
+        if details is None or details.cached_tokens is None:
+            raise UserError(
+                f"{self.url} reports no cached tokens: start it with --enable-prompt-tokens-details"
+            )
+        return Served(
+            prompt_tokens=int(usage.prompt_tokens),
+            cached_tokens=int(details.cached_tokens),
+            ttft_ms=ttft_ms,
+            prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids,
+            text=text,
+        )
+
+    async def tokenize(self, messages: Sequence[Message]) -> list[int]:
+        body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
+        resp = await self.http.post(self.url + "/tokenize", json=body)
+        resp.raise_for_status()
+        return [int(t) for t in resp.json()["tokens"]]
+
+    async def counters(self) -> PrefixCounters:
+        resp = await self.http.get(self.url + "/metrics")
+        resp.raise_for_status()
+        totals = parse_prometheus(resp.text)
+        return PrefixCounters(
+            int(totals.get("vllm:prefix_cache_queries_total", 0)),
+            int(totals.get("vllm:prefix_cache_hits_total", 0)),
+        )
+
+    async def settled_counters(
+        self, expected: PrefixCounters | None, timeout_s: float = 3.0
+    ) -> PrefixCounters:
+        """The counters once they show ``expected`` (or after ``timeout_s``, whatever they show).
+
+        The API server updates its Prometheus counters from the engine's stats batch, which can
+        land a moment after the last streamed chunk; waiting briefly for the expected value
+        separates that lag from a real disagreement, which is still returned as it is.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = await self.counters()
+            if expected is None or value == expected or time.monotonic() >= deadline:
+                return value
+            await asyncio.sleep(0.1)
+
+    async def healthy(self) -> bool:
+        try:
+            resp = await self.http.get(self.url + "/health", timeout=3.0)
+            return resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def close(self) -> None:
+        await self.openai.close()
+        await self.http.aclose()
+
+
+def crash(process: subprocess.Popen[bytes]) -> None:
+    """Kill a server this program started the way a machine failure would: SIGKILL to its whole
+    process group (API server and engine core), no graceful drain of requests in flight."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+
+
+# --- vllm-router: the production router from PyPI -----------------------------------------------
+
+VLLM_ROUTER_PIP = "vllm-router==0.1.17"
+
+
+def vllm_router_command() -> str:
+    exe = shutil.which("vllm-router")
+    if exe is None:
+        raise UserError(f"the vllm-router command is not installed: pip install {VLLM_ROUTER_PIP}")
+    return exe
+
+
+class VllmRouter:
+    """``with VllmRouter(policy, worker_urls) as url:`` runs ``vllm-router`` (a Rust load
+    balancer) on a loopback port in front of the workers, waits until it answers, and stops it.
+
+    ``--policy consistent_hash`` keys on the ``X-Session-ID`` header; ``round_robin`` rotates
+    per request. Its Prometheus exporter gets its own free port, so two runs never collide.
+    """
+
+    def __init__(
+        self, policy: str, worker_urls: Sequence[str], log_dir: Path | None = None, timeout_s: float = 60.0
+    ) -> None:
+        self.policy = policy
+        self.worker_urls = [base_url(u) for u in worker_urls]
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlessons-router-"))
+        self.timeout_s = timeout_s
+        self.port = free_port()
+        self.log_path = self.log_dir / f"vllm-router-{policy}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            vllm_router_command(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(free_port()),
+            "--policy",
+            self.policy,
+            "--worker-urls",
+            *self.worker_urls,
+        ]
+
+    def __enter__(self) -> str:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process, grace_s=5.0)
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise UserError(
+                    f"vllm-router exited with code {self.process.returncode} while starting: "
+                    f"see {self.log_path}"
+                )
+            try:
+                if json.loads(_get(self.url + "/v1/models", 2.0)).get("data"):
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise UserError(f"vllm-router did not become ready in {self.timeout_s:.0f} s: see {self.log_path}")

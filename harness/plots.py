@@ -22,6 +22,7 @@ def plot_example(example: dict[str, Any], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     name = example["example"]
     variants = example["variants"]
@@ -36,6 +37,7 @@ def plot_example(example: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylabel("time to first token (s)")
     ax.set_title(f"{name}: TTFT per request")
     ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

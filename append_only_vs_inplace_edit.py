@@ -45,7 +45,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.backend import Backend, Message
-from harness.cli import add_common_args, backend_from_args, exit_with, run_variants_with_progress
+from harness.cli import backend_from_args, exit_with, lesson_parser, run_variants_with_progress
 from harness.errors import UserError
 from harness.explain import TemplateRenderer, TemplateTokenizer, detect_hint, locate_token, message_spans
 from harness.measure import VariantResult
@@ -514,10 +514,7 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(parser)
+    parser = lesson_parser(__doc__)
     add_lesson_args(parser)
     args = parser.parse_args(argv)
     steps_from(args)  # bad input fails before the engine starts

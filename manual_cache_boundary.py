@@ -55,10 +55,10 @@ from rich.table import Table
 
 from harness.backend import Backend, Message, OfflineBackend
 from harness.cli import (
-    add_common_args,
     backend_from_args,
     engine_options,
     exit_with,
+    lesson_parser,
     run_variants_with_progress,
 )
 from harness.errors import UserError
@@ -632,10 +632,7 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(parser)
+    parser = lesson_parser(__doc__)
     add_lesson_args(parser)
     args = parser.parse_args(argv)
     settings = settings_from(args)  # bad input fails before an engine starts

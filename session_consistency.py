@@ -66,7 +66,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from harness.backend import Backend, EngineInfo, Message, PrefixCounters
-from harness.cli import add_common_args, engine_options, exit_with
+from harness.cli import engine_options, exit_with, lesson_parser
 from harness.errors import UserError
 from harness.measure import RequestRecord, VariantResult
 from harness.model import resolve_model
@@ -1195,10 +1195,7 @@ def run(backend: Backend | None, args: argparse.Namespace) -> ExampleResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(parser)
+    parser = lesson_parser(__doc__)
     add_lesson_args(parser)
     args = parser.parse_args(argv)
     if args.endpoint:

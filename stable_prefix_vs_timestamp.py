@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 
 from harness.backend import Backend, Message
-from harness.cli import add_common_args, backend_from_args, exit_with, run_variants_with_progress
+from harness.cli import backend_from_args, exit_with, lesson_parser, run_variants_with_progress
 from harness.errors import UserError
 from harness.report import ExampleResult, check_json_target, console, divergence_panel, show, write_json
 from harness.scenario import (
@@ -130,10 +130,7 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(parser)
+    parser = lesson_parser(__doc__)
     add_lesson_args(parser)
     args = parser.parse_args(argv)
     turns_from(args)  # bad input fails before the engine starts

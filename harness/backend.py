@@ -296,6 +296,31 @@ def metric_label(text: str, metric: str, label: str) -> str | None:
     return None
 
 
+def streaming_chat_request(
+    model: str, messages: Sequence[Message], max_tokens: int, cache_salt: str, **extra_body: Any
+) -> dict[str, Any]:
+    """The keyword arguments of one greedy, streamed chat completion whose last chunk carries
+    the usage (with ``prompt_tokens_details.cached_tokens``): TTFT is the first chunk's arrival."""
+    return {
+        "model": model,
+        "messages": list(messages),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_body": {"cache_salt": cache_salt, **extra_body},
+    }
+
+
+def cached_tokens_of(usage: Any, server: str) -> int:
+    """``usage.prompt_tokens_details.cached_tokens``, or a one-line error naming the server flag."""
+    details = usage.prompt_tokens_details
+    if details is None or details.cached_tokens is None:
+        raise UserError(f"{server} reports no cached tokens: start it with --enable-prompt-tokens-details")
+    return int(details.cached_tokens)
+
+
 class ServerBackend:
     """An OpenAI-compatible vLLM server, started with ``--enable-prefix-caching
     --enable-prompt-tokens-details``. Token IDs come from its ``/tokenize`` endpoint (its own
@@ -366,14 +391,7 @@ class ServerBackend:
         text, usage = "", None
         try:
             stream = self.client.chat.completions.create(
-                model=self.model,
-                messages=list(messages),  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                temperature=0.0,
-                seed=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"cache_salt": cache_salt or self._salt},
+                **streaming_chat_request(self.model, messages, max_tokens, cache_salt or self._salt)
             )
             for chunk in stream:
                 if chunk.choices and not ttft_ms:
@@ -389,14 +407,9 @@ class ServerBackend:
             raise UserError(f"lost the connection to {self.base}: {exc}") from exc
         if usage is None:
             raise UserError("the server sent no usage: is it a vLLM OpenAI-compatible server?")
-        details = usage.prompt_tokens_details
-        if details is None or details.cached_tokens is None:
-            raise UserError(
-                "the server reports no cached tokens: start it with --enable-prompt-tokens-details"
-            )
         return Reply(
             prompt_tokens=int(usage.prompt_tokens),
-            cached_tokens=int(details.cached_tokens),
+            cached_tokens=cached_tokens_of(usage, "the server"),
             ttft_ms=ttft_ms,
             prompt_token_ids=None,
             output_token_ids=None,

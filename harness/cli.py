@@ -76,6 +76,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def lesson_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as the description, and the shared flags."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser)
+    return parser
+
+
 def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True) -> EngineOptions:
     spec = resolve_model(args.model)
     if args.block_size is not None and args.block_size <= 0:

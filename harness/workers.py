@@ -26,7 +26,14 @@ from pathlib import Path
 
 import httpx
 
-from harness.backend import Message, PrefixCounters, metric_label, parse_prometheus
+from harness.backend import (
+    Message,
+    PrefixCounters,
+    cached_tokens_of,
+    metric_label,
+    parse_prometheus,
+    streaming_chat_request,
+)
 from harness.errors import UserError
 from harness.servers import free_port, stop_process_group
 
@@ -148,17 +155,10 @@ class AsyncWorkerClient:
         text, usage = "", None
         try:
             stream = await self.openai.chat.completions.create(
-                model=self.model,
-                messages=list(messages),  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                temperature=0.0,
-                seed=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=headers,
                 # return_token_ids: the prompt IDs the engine saw (first chunk) and every
                 # generated ID, so the cache model records exactly what the worker computed.
-                extra_body={"cache_salt": cache_salt, "return_token_ids": True},
+                **streaming_chat_request(self.model, messages, max_tokens, cache_salt, return_token_ids=True),
+                extra_headers=headers,
             )
             if on_accepted is not None:
                 await on_accepted()
@@ -184,14 +184,9 @@ class AsyncWorkerClient:
             raise UserError(f"{self.url} refused the request: {message}") from exc
         if usage is None:
             raise WorkerUnavailable(f"{self.url}: the stream ended without usage (worker lost?)")
-        details = usage.prompt_tokens_details
-        if details is None or details.cached_tokens is None:
-            raise UserError(
-                f"{self.url} reports no cached tokens: start it with --enable-prompt-tokens-details"
-            )
         return Served(
             prompt_tokens=int(usage.prompt_tokens),
-            cached_tokens=int(details.cached_tokens),
+            cached_tokens=cached_tokens_of(usage, self.url),
             ttft_ms=ttft_ms,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,

@@ -6,8 +6,12 @@ automatic prefix caching (vLLM's APC) notices the repetition by itself. Many ser
 have no such thing: vLLM started with ``enable_prefix_caching=False``, older servers, a
 home-built loop around ``model.forward``. There every request recomputes its whole prompt.
 
-WRONG (no caching): a real vLLM engine with ``enable_prefix_caching=False``. Every request
-prefills every token from scratch; the engine reports 0 cached tokens on every request.
+WRONG (no caching): the real vLLM engine, told to reuse nothing. Every request is sent with
+vLLM's per-request switch ``SamplingParams(skip_reading_prefix_cache=True)``: the scheduler
+skips the prefix-cache lookup, so the request prefills every token from scratch, exactly as on
+an engine started with ``enable_prefix_caching=False`` (same kernels, same engine, one engine
+start less); the engine reports 0 cached tokens and 0 lookups. Against a server, where the HTTP
+API has no such switch, each request gets a ``cache_salt`` of its own, which nothing matches.
 
 RIGHT (manual breakpoint): the prompt builder ends the stable part with a marker,
 ``// __CACHE_END__``, which promises "everything before me is identical on every request". A
@@ -53,10 +57,9 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from harness.backend import Backend, Message, OfflineBackend
+from harness.backend import Backend, Message
 from harness.cli import (
     backend_from_args,
-    engine_options,
     exit_with,
     lesson_parser,
     run_variants_with_progress,
@@ -73,6 +76,9 @@ EXAMPLE = "manual_cache_boundary"
 DEFAULT_QUESTIONS = 8
 QUICK_QUESTIONS = 4
 DEFAULT_CHECK_TOKENS = 8
+# The exactness check recomputes a request in full on transformers: about as slow as the
+# no-caching engine. A few warm requests spread over the run show it; 0 checks every request.
+DEFAULT_EXACTNESS_CHECKS = 3
 PAD_UNIT = " ."  # one token per copy after ordinary text (the search below does not rely on it)
 VARIANT_ORDER = ("wrong", "right", "apc", "apc_aligned")
 
@@ -204,6 +210,7 @@ class Settings:
     marker: str
     misuse: bool
     check_tokens: int
+    exactness_checks: int  # 0: every request
 
 
 def add_lesson_args(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +241,14 @@ def add_lesson_args(parser: argparse.ArgumentParser) -> None:
         help="new tokens the manual engine generates per request, with the stored prefix and with a "
         f"full recompute, to check they are identical (default {DEFAULT_CHECK_TOKENS})",
     )
+    g.add_argument(
+        "--exactness-checks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests to recompute in full for that check, spread over the warm ones (0: all; "
+        f"default {DEFAULT_EXACTNESS_CHECKS}, all with --quick)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -248,6 +263,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UserError(f"--check-tokens must be at least 1, got {args.check_tokens}")
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    checks = args.exactness_checks
+    if checks is None:
+        checks = 0 if args.quick else DEFAULT_EXACTNESS_CHECKS
+    if checks < 0:
+        raise UserError(f"--exactness-checks must be 0 (all) or more, got {checks}")
     marker = str(args.marker)
     if not marker.strip():
         raise UserError("--marker must be a non-empty string")
@@ -258,39 +278,27 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UserError(
             f"--marker {marker!r} occurs in the prompt text itself; choose a string that does not"
         )
-    return Settings(questions, marker, bool(args.demo_misuse), int(args.check_tokens))
+    return Settings(questions, marker, bool(args.demo_misuse), int(args.check_tokens), int(checks))
 
 
 # --------------------------------------------------------------------------- measuring
 
 
 LABELS = {
-    "wrong": "no caching: vLLM with enable_prefix_caching=False recomputes every prompt",
+    "wrong": "no caching: vLLM, prefix-cache reads off per request, recomputes every prompt",
     "right": "manual breakpoint: keep the KV before the marker, run only the question (transformers)",
     "apc": "vLLM automatic prefix caching, marker stripped",
     "apc_aligned": "vLLM APC, stable part padded to a block boundary and pre-warmed with one request",
 }
 
 
-def measure_no_caching(args: argparse.Namespace, requests: RequestSet, marker: str) -> VariantResult:
-    """WRONG on its own vLLM engine without prefix caching, started here and closed at the end."""
-    opts = engine_options(args, enable_prefix_caching=False)
-    name = resolve_model(args.model).display_name
-    with console.status(f"starting vLLM without prefix caching on {opts.resolved_device()} ..."):
-        engine = OfflineBackend(opts, name)
-    try:
-        (measured,) = run_variants_with_progress(
-            engine, [("wrong", LABELS["wrong"], requests.stripped(marker))], args.max_tokens
-        )
-    finally:
-        engine.close()
-    # With prefix caching off nothing survives a request: the prediction is 0 for every one and
-    # every prompt leaves the (empty) cache at token 0, whatever an APC engine would have kept.
-    records = [
-        replace(r, predicted_cached_tokens=0, first_divergence=0, divergence=None) for r in measured.requests
-    ]
-    label_kinds(records, requests.kinds)
-    return VariantResult(measured.name, measured.label, records, measured.counters)
+def measure_no_caching(backend: Backend, requests: RequestSet, marker: str, max_tokens: int) -> VariantResult:
+    """WRONG: every request on the vLLM engine with prefix-cache reads switched off."""
+    (measured,) = run_variants_with_progress(
+        backend, [("wrong", LABELS["wrong"], requests.stripped(marker))], max_tokens, read_cache=False
+    )
+    label_kinds(measured.requests, requests.kinds)
+    return measured
 
 
 def label_kinds(records: Sequence[RequestRecord], kinds: Sequence[str]) -> None:
@@ -338,19 +346,36 @@ def measure_manual(
     return VariantResult("right", LABELS["right"], records), replies
 
 
+def exactness_sample(records: Sequence[RequestRecord], checks: int) -> list[int]:
+    """Which requests to recompute: ``checks`` of the warm ones (those the store served), evenly
+    spread from the first to the last; all of them when ``checks`` is 0 or covers them."""
+    warm = [r.index for r in records if r.cached_tokens > 0]
+    if checks == 0 or not warm:
+        return [r.index for r in records]
+    if checks >= len(warm):
+        return warm
+    if checks == 1:
+        return [warm[-1]]
+    step = (len(warm) - 1) / (checks - 1)
+    return [warm[round(k * step)] for k in range(checks)]
+
+
 def check_exactness(
     manual: ManualCacheEngine,
     requests: RequestSet,
     variant: VariantResult,
     replies: list[ManualReply],
     new_tokens: int,
+    checks: int,
 ) -> dict[str, Any]:
-    """Run every request again with a full prefill and no store; the outputs must be identical."""
+    """Run requests again with a full prefill and no store; the outputs must be identical."""
     identical = 0
     full_ttfts: list[float] = []
-    with console.status("exactness check: full recompute of every request ...") as status:
-        for record, messages, reply in zip(variant.requests, requests.requests, replies, strict=True):
-            status.update(f"exactness check: request {record.index + 1} of {len(replies)}, no store")
+    sample = exactness_sample(variant.requests, checks)
+    with console.status("exactness check: full recompute ...") as status:
+        for done, index in enumerate(sample, 1):
+            record, messages, reply = variant.requests[index], requests.requests[index], replies[index]
+            status.update(f"exactness check {done} of {len(sample)}: request {index + 1}, full recompute")
             baseline = manual.generate_uncached(messages, max_new_tokens=new_tokens)
             same = baseline.prompt_ids == reply.prompt_ids and baseline.output_ids == reply.output_ids
             identical += same
@@ -359,9 +384,10 @@ def check_exactness(
             record.extra["full_recompute_ttft_ms"] = round(baseline.ttft_ms, 3)
     full_median = statistics.median(full_ttfts)
     return {
-        "requests": len(replies),
+        "requests": len(sample),
+        "of_requests": len(replies),
         "identical": identical,
-        "all_identical": identical == len(replies),
+        "all_identical": identical == len(sample),
         "new_tokens": new_tokens,
         "full_recompute_ttft_ms_median": round(full_median, 3),
         "store_speedup_median": round(full_median / variant.summary()["ttft_ms_median"], 3),
@@ -448,15 +474,11 @@ def run(
     backend: Backend,
     args: argparse.Namespace,
     *,
-    no_caching: VariantResult | None = None,
     manual: ManualCacheEngine | None = None,
 ) -> ExampleResult:
-    """All four variants on one request set. ``backend`` must have prefix caching on (APC).
-
-    ``no_caching``: WRONG measured beforehand (``main`` does that so only one vLLM engine is
-    alive at a time); without it a second vLLM engine is started beside ``backend`` for WRONG
-    and closed right after. ``manual``: a loaded breakpoint engine to reuse (tests do).
-    """
+    """All four variants on one request set. ``backend`` must have prefix caching on (APC); WRONG
+    runs on it too, with prefix-cache reads off. ``manual``: a loaded breakpoint engine to reuse
+    (tests do)."""
     settings = settings_from(args)
     model = resolve_model(getattr(args, "model", None))
     plain = build_requests(settings.questions, args.quick, settings.marker, settings.misuse)
@@ -465,9 +487,7 @@ def run(
         + (", then 1 misuse request" if settings.misuse else "")
         + "; each variant starts from an empty cache, in the order no caching, manual, APC, APC aligned",
     ]
-    if no_caching is None:
-        notes.append("no caching ran on a second vLLM engine started beside the shared one, then closed")
-        no_caching = measure_no_caching(args, plain, settings.marker)
+    no_caching = measure_no_caching(backend, plain, settings.marker, args.max_tokens)
     if manual is None:
         with console.status(f"loading {model.display_name} with transformers for the breakpoint engine ..."):
             manual = ManualCacheEngine(
@@ -478,7 +498,9 @@ def run(
             f"the manual engine splits at {manual.marker!r}, the requests use {settings.marker!r}"
         )
     right, replies = measure_manual(manual, plain, settings.check_tokens)
-    exactness = check_exactness(manual, plain, right, replies, settings.check_tokens)
+    exactness = check_exactness(
+        manual, plain, right, replies, settings.check_tokens, settings.exactness_checks
+    )
     stable_ids = manual.prepare(plain.requests[0]).prefix_ids
     memory = kv_memory(manual, stable_ids)
 
@@ -509,8 +531,8 @@ def run(
         manual.prepare(messages).token_ids == backend.render(strip_marker(messages, settings.marker))
         for messages in plain.requests + aligned_set.requests
     )
-    # Without prefix caching vLLM makes no cache lookups, so its counters stay at 0 queries and
-    # 0 hits: evidence that nothing was reused, but not comparable with the prompt tokens sent.
+    # With reads off vLLM makes no cache lookups, so its counters stay at 0 queries and 0 hits:
+    # evidence that nothing was reused, but not comparable with the prompt tokens sent.
     no_cache_counters = no_caching.counters
     no_caching = replace(no_caching, counters=None)
     variants = [no_caching, right, apc, aligned]
@@ -574,7 +596,8 @@ def explain(result: ExampleResult) -> None:
     x, m, k = e["exactness"], e["marker"], e["kv_memory"]
     verdict = "[green]identical[/]" if x["all_identical"] else "[bold red]NOT identical[/]"
     console.print(
-        f"Exactness: {x['identical']} of {x['requests']} requests gave {verdict} greedy output "
+        f"Exactness: {x['identical']} of {x['requests']} requests checked (of {x['of_requests']}) gave "
+        f"{verdict} greedy output "
         f"({x['new_tokens']} new tokens) with the stored prefix KV and with a full recompute of the "
         f"same token IDs. The full recompute on the same transformers engine had a median TTFT of "
         f"{x['full_recompute_ttft_ms_median']:,.0f} ms: the stored prefix alone is worth "
@@ -585,8 +608,9 @@ def explain(result: ExampleResult) -> None:
     counters = e["no_caching_engine_counters"]
     if counters is not None:
         console.print(
-            f"The no-caching engine's own counters: {counters['prefix_cache_queries']:,} prefix-cache "
-            f"lookups, {counters['prefix_cache_hits']:,} hits: with prefix caching off it never looks."
+            f"The engine's own counters during WRONG: {counters['prefix_cache_queries']:,} prefix-cache "
+            f"lookups, {counters['prefix_cache_hits']:,} hits"
+            + (": with reads off it never looks." if not counters["prefix_cache_queries"] else ".")
         )
     console.print(
         Panel(
@@ -635,13 +659,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = lesson_parser(__doc__)
     add_lesson_args(parser)
     args = parser.parse_args(argv)
-    settings = settings_from(args)  # bad input fails before an engine starts
+    settings_from(args)  # bad input fails before an engine starts
     json_path = check_json_target(args.json)
-    # One vLLM engine at a time: WRONG's engine (prefix caching off) is closed before APC's starts.
-    requests = build_requests(settings.questions, args.quick, settings.marker, settings.misuse)
-    wrong = measure_no_caching(args, requests, settings.marker)
     with backend_from_args(args) as backend:
-        result = run(backend, args, no_caching=wrong)
+        result = run(backend, args)
     show(result, extra_columns=("request",))
     explain(result)
     write_json(json_path, result.to_json())

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from harness.backend import Backend
 from harness.cli import add_common_args, exit_with, open_backend
+from harness.engine import machine_summary
 from harness.errors import UserError
 from harness.report import ExampleResult, check_json_target, console, err_console, show, write_json
 
@@ -172,6 +173,8 @@ def write_report(folder: Path, payload: dict[str, Any], outcomes: list[Outcome])
             f"Engine: {e['backend']} {e['vllm_version']}, model {e['model']}, device {e['device']}, "
             f"block size {e['block_size']}. Wall time {payload['wall_s']:.0f} s.",
             "",
+            f"Machine: {payload.get('machine', 'not recorded')}.",
+            "",
         ]
     lines += [
         "| # | lesson | status | hit WRONG | hit RIGHT | TTFT speedup | prediction exact | wall s |",
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "examples": [o.result.to_json() for o in outcomes if o.result is not None],
         "wall_s": round(wall_s, 3),
+        "machine": machine_summary(),
         "status": {o.lesson.module: o.status for o in outcomes},
     }
     write_json(json_path, payload)

@@ -84,9 +84,17 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
     ) -> Reply:
-        """Run one request; ``cache_salt`` (non-empty) keeps its cache apart from other salts."""
+        """Run one request; ``cache_salt`` (non-empty) keeps its cache apart from other salts.
+
+        ``read_cache=False``: the request reuses nothing from the prefix cache and prefills
+        every token, as on an engine without prefix caching.
+        """
         ...
 
     def counters(self) -> PrefixCounters | None: ...
@@ -166,8 +174,13 @@ class OfflineBackend:
         self.info = EngineInfo("vllm", display_name, opts.resolved_device(), block_size, vllm_version())
         self._warm_up()
 
-    def _params(self, max_tokens: int) -> Any:
-        return self._sampling(max_tokens=max_tokens, temperature=0.0, seed=self.opts.seed)
+    def _params(self, max_tokens: int, read_cache: bool = True) -> Any:
+        params = self._sampling(max_tokens=max_tokens, temperature=0.0, seed=self.opts.seed)
+        if not read_cache:
+            # vLLM's own per-request switch: the scheduler skips the prefix-cache lookup (and
+            # does not count one), so the request computes all of its prompt.
+            params.skip_reading_prefix_cache = True
+        return params
 
     def _warm_up(self) -> None:
         # A raw (non-chat) prompt shares no prefix with any chat-templated lesson prompt.
@@ -187,14 +200,22 @@ class OfflineBackend:
         raise RuntimeError("vLLM refused to reset its prefix cache (blocks still in use)")
 
     def generate(
-        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
     ) -> Reply:
         # Rendered here with the model's own chat template (as vLLM's chat entry point does),
         # so the prediction and the engine see the very same token IDs.
-        return self.generate_tokens(self.render(messages), max_tokens, cache_salt)
+        return self.generate_tokens(self.render(messages), max_tokens, cache_salt, read_cache)
 
     def generate_tokens(
-        self, prompt_ids: Sequence[int], max_tokens: int = 1, cache_salt: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
     ) -> Reply:
         """Run one request given as token IDs (what the tests use to place divergences exactly)."""
         from vllm.inputs import TokensPrompt
@@ -207,7 +228,7 @@ class OfflineBackend:
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         if cache_salt:
             prompt["cache_salt"] = cache_salt
-        out = self.llm.generate([prompt], self._params(max_tokens), use_tqdm=False)[0]
+        out = self.llm.generate([prompt], self._params(max_tokens, read_cache), use_tqdm=False)[0]
         metrics = out.metrics
         ttft = float(getattr(metrics, "first_token_latency", 0.0) or 0.0) * 1000.0
         completion = out.outputs[0]
@@ -382,9 +403,16 @@ class ServerBackend:
         self._salt = secrets.token_hex(8)
 
     def generate(
-        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
     ) -> Reply:
         import openai
+
+        if not read_cache:  # the HTTP API has no such switch: a salt used once matches nothing
+            cache_salt = f"no-reuse-{secrets.token_hex(8)}"
 
         start = time.perf_counter()
         ttft_ms = 0.0

@@ -148,8 +148,10 @@ def run_variants_with_progress(
     backend: Backend,
     variants: list[tuple[str, str, list[list[dict[str, str]]]]],
     max_tokens: int,
+    read_cache: bool = True,
 ) -> list[VariantResult]:
-    """Measure each (name, label, requests) variant in order, each from a cold cache."""
+    """Measure each (name, label, requests) variant in order, each from a cold cache
+    (``read_cache=False``: with no prefix-cache reuse at all, see ``run_variant``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results: list[VariantResult] = []
@@ -165,6 +167,7 @@ def run_variants_with_progress(
                     requests,
                     max_tokens,
                     on_request=lambda _r, t=task: progress.advance(t),
+                    read_cache=read_cache,
                 )
             )
     return results

@@ -9,9 +9,11 @@ so a laptop is not asked for its whole memory. On CUDA, vLLM's own defaults appl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
@@ -94,14 +96,41 @@ def cpu_threads() -> int:
     return max(1, len(usable_cores()))
 
 
+def machine_summary() -> str:
+    """One line naming the machine, for reports: the numbers in them depend on it."""
+    import platform
+
+    cpu, isa = platform.processor() or platform.machine(), ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+        isa = " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
+    parts = [f"{cpu}{isa}, {cpu_threads()} usable cores"]
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        parts.append(f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM")
+    gpu = detect_device() == "cuda"
+    parts.append("a CUDA GPU" if gpu else "no GPU")
+    parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    return "; ".join(parts)
+
+
 def apply_environment(opts: EngineOptions) -> None:
-    """Set the environment vLLM reads at start-up. Must run before the engine is built (the
-    engine core runs in a child process that inherits it)."""
+    """Set the environment vLLM reads at start-up. Must run before the engine is built."""
     # vLLM warns at length about CPU builds; the lessons print what matters (set it to see).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.resolved_device() != "cpu":
         return
+    # vLLM runs its engine core in a child process by default, which imports vLLM and torch
+    # again and on CPU starts one more worker process that does the same: 42-50 s per engine
+    # start on 2 cores. In this process it started in 15 s with the same prefill times
+    # (bench/prefill_bench.py); a lesson sends one request at a time, so a separate engine
+    # process buys nothing. A preloaded library (LD_PRELOAD) needs the child process.
+    if opts.preload_iomp:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    else:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     threads = opts.threads or cpu_threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = opts.resolved_omp_bind()

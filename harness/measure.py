@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.backend import Backend, Message, PrefixCounters
-from harness.prefix import Divergence, PrefixCacheModel, explain_divergence
+from harness.prefix import Divergence, Prediction, PrefixCacheModel, explain_divergence
 
 
 @dataclass
@@ -110,8 +110,13 @@ def run_variant(
     requests: Sequence[Sequence[Message]],
     max_tokens: int = 1,
     on_request: Callable[[RequestRecord], None] | None = None,
+    read_cache: bool = True,
 ) -> VariantResult:
-    """Send ``requests`` in order, from a cold cache, predicting each one's cache hit first."""
+    """Send ``requests`` in order, from a cold cache, predicting each one's cache hit first.
+
+    ``read_cache=False``: every request computes its whole prompt (no prefix caching), so the
+    prediction is 0 for each and nothing counts as a divergence.
+    """
     backend.start_variant()
     model = PrefixCacheModel(backend.info.block_size)
     before = backend.counters()
@@ -119,13 +124,15 @@ def run_variant(
     for index, messages in enumerate(requests):
         prompt_ids = backend.render(messages)
         prediction = model.predict(prompt_ids)
-        reply = backend.generate(messages, max_tokens=max_tokens)
+        reply = backend.generate(messages, max_tokens=max_tokens, read_cache=read_cache)
         if reply.prompt_token_ids is not None and list(reply.prompt_token_ids) != list(prompt_ids):
             # The engine rendered the chat differently from the harness: predict from what it saw.
             prompt_ids = list(reply.prompt_token_ids)
             prediction = model.predict(prompt_ids)
+        if not read_cache:
+            prediction = Prediction(len(prompt_ids), 0, 0, None)
         divergence = None
-        if model.sequences:
+        if model.sequences and read_cache:
             reference = model.sequences[prediction.source if prediction.source is not None else -1]
             divergence = explain_divergence(prompt_ids, reference, backend.decode)
         record = RequestRecord(

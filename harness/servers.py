@@ -87,6 +87,9 @@ def server_command(opts: EngineOptions, port: int) -> list[str]:
 def server_environment(opts: EngineOptions, index: int, count: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    # The engine inside the API server's process: one vLLM import less per worker, so two
+    # workers start in about 43 s instead of 67 s on 2 cores (see engine.apply_environment).
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if opts.resolved_device() == "cpu":
         cores = cpu_threads()
         threads = opts.threads or max(1, cores // count)

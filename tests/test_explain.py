@@ -491,7 +491,11 @@ class FakeBackend:
         self._seen.clear()
 
     def generate(
-        self, messages: Sequence[Message], max_tokens: int = 1, cache_salt: str | None = None
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
     ) -> Reply:
         self.calls.append(("generate", cache_salt))
         prompt = self.render(messages)

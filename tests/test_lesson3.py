@@ -2,8 +2,8 @@
 
 Expected token positions are worked out here from the rendered chat text and the tokenizer's
 own ``encode`` with a plain loop, not by the harness functions the lesson uses. The quick run
-happens once per module: it starts the no-caching vLLM engine beside the shared one (as
-``run_all_examples.py`` does) and reuses one transformers breakpoint engine.
+happens once per module on the shared engine (WRONG with prefix-cache reads off, as
+``run_all_examples.py`` runs it) and one transformers breakpoint engine.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from harness.backend import ChatTokenizer, Message, OfflineBackend
 from harness.cli import add_common_args
 from harness.errors import UserError
 from harness.manual_cache import CACHE_MARKER, ManualCacheEngine
+from harness.measure import RequestRecord
 from harness.report import ExampleResult
 
 BLOCK = 32
@@ -91,6 +92,22 @@ def test_bad_question_count_is_a_one_line_error() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_exactness_sample_spreads_over_the_warm_requests() -> None:
+    def records(cached: list[int]) -> list[RequestRecord]:
+        return [RequestRecord(i, 100, c, c, 1.0, c) for i, c in enumerate(cached)]
+
+    run = records([0, 90, 90, 90, 90, 90, 90, 90, 0])  # cold first, a miss last
+    assert lesson.exactness_sample(run, 3) == [1, 4, 7]
+    assert lesson.exactness_sample(run, 1) == [7]
+    assert lesson.exactness_sample(run, 20) == [1, 2, 3, 4, 5, 6, 7]
+    assert lesson.exactness_sample(run, 0) == list(range(9))
+    assert lesson.exactness_sample(records([0, 0]), 3) == [0, 1]  # nothing warm: check them all
+    assert lesson.settings_from(lesson_args()).exactness_checks == lesson.DEFAULT_EXACTNESS_CHECKS
+    assert lesson.settings_from(lesson_args("--quick")).exactness_checks == 0
+    with pytest.raises(UserError, match="--exactness-checks must be 0 \\(all\\) or more, got -1"):
+        lesson.settings_from(lesson_args("--exactness-checks", "-1"))
+
+
 # --------------------------------------------------------------------------- on the engines
 
 
@@ -109,6 +126,8 @@ def test_no_caching_reuses_nothing(quick_result: ExampleResult) -> None:
     wrong = quick_result.variant("wrong")
     assert len(wrong.requests) == lesson.QUICK_QUESTIONS + 1
     assert all(r.cached_tokens == 0 == r.predicted_cached_tokens for r in wrong.requests)
+    # Not 0 by luck: the same prompts on the same engine with reads on share the stable part.
+    assert all(r.cached_tokens > 0 for r in quick_result.variant("apc").requests[1:])
     assert quick_result.extra["no_caching_engine_counters"] == {
         "prefix_cache_queries": 0,
         "prefix_cache_hits": 0,
@@ -129,7 +148,8 @@ def test_manual_breakpoint_reuses_the_stable_part_after_the_first_request(
         assert record.first_divergence == stable
     assert all(r.prediction_ok for r in right.requests)
     exactness = quick_result.extra["exactness"]
-    assert exactness["all_identical"] is True and exactness["requests"] == len(right.requests)
+    assert exactness["all_identical"] is True
+    assert exactness["requests"] == exactness["of_requests"] == len(right.requests)
     assert all(r.extra["identical_to_full_recompute"] for r in right.requests)
     assert quick_result.extra["same_prompt_tokens_on_all_engines"] is True
     memory = quick_result.extra["kv_memory"]

@@ -86,6 +86,15 @@ def test_per_session_salt_shares_nothing_across_sessions() -> None:
     assert sum(shared.cached[i] for i in first_turns) > 0  # the system prompt, on a warm worker
 
 
+def test_random_router_runs_only_when_asked() -> None:
+    def names(**overrides: object) -> list[str]:
+        return [plan.name for plan in lesson.plans(lesson.settings_from(quick_args(**overrides)))]
+
+    assert names() == ["wrong", "right", "failover"]
+    assert names(with_random=True, kill_worker_at=0) == ["wrong", "right", "random"]
+    assert names(with_random=True, router="vllm-router") == ["wrong", "right", "random", "failover"]
+
+
 # --- the lesson on two real workers ------------------------------------------------------------
 
 
@@ -109,6 +118,7 @@ def quick_args(**overrides: object) -> argparse.Namespace:
         "router": "script",
         "kill_worker_at": None,  # the default: a third of the way in
         "cache_salt": "run",
+        "with_random": False,
         "seed": 0,
         "think_ms": 200.0,
         "max_tokens": 1,

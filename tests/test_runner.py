@@ -9,6 +9,7 @@ import pytest
 from conftest import run_script
 
 import run_all_examples as runner
+from harness.engine import cpu_threads
 from harness.errors import UserError
 
 
@@ -44,3 +45,5 @@ def test_run_lesson_1_with_report(tmp_path: Path) -> None:
     for png in ("stable_prefix_vs_timestamp_ttft.png", "stable_prefix_vs_timestamp_tokens.png"):
         assert (report / png).stat().st_size > 5000
         assert f"]({png})" in (report / "report.md").read_text()
+    assert f"{cpu_threads()} usable cores" in data["machine"]
+    assert f"Machine: {data['machine']}." in (report / "report.md").read_text()

@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,24 @@ def prompt_of(tokenizer: ChatTokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-def bench_vllm(opts: EngineOptions, prompts: dict[int, list[int]], reps: int) -> dict[int, dict[str, float]]:
+def op_breakdown(run: Callable[[], object]) -> dict[str, float]:
+    """Run ``run`` under torch's profiler; milliseconds of CPU time in matrix multiplies (the
+    linear layers), in attention, and in everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    groups = {"linear_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0}
+    for op in prof.key_averages():
+        name = op.key.lower()
+        group = "attention_ms" if "attention" in name else "linear_ms" if name.endswith("mm") else "other_ms"
+        groups[group] += op.self_cpu_time_total / 1000.0
+    return {k: round(v, 1) for k, v in groups.items()}
+
+
+def bench_vllm(
+    opts: EngineOptions, prompts: dict[int, list[int]], reps: int, profile_ids: list[int] | None = None
+) -> dict[int, dict[str, float]]:
     start = time.perf_counter()
     backend = OfflineBackend(opts, "bench")
     startup_s = time.perf_counter() - start
@@ -62,6 +80,9 @@ def bench_vllm(opts: EngineOptions, prompts: dict[int, list[int]], reps: int) ->
                 cold.append(backend.generate_tokens(ids).ttft_ms)
                 warm.append(backend.generate_tokens(ids).ttft_ms)
             out[length] = {"cold_ms": statistics.median(cold), "warm_ms": statistics.median(warm)}
+        if profile_ids is not None:  # the engine runs in this process: the profiler sees its ops
+            backend.start_variant()
+            out[-1] = op_breakdown(lambda: backend.generate_tokens(profile_ids))
     finally:
         backend.close()
     out[0] = {"startup_s": startup_s}
@@ -69,8 +90,8 @@ def bench_vllm(opts: EngineOptions, prompts: dict[int, list[int]], reps: int) ->
 
 
 def bench_transformers(
-    model: str, prompts: dict[int, list[int]], reps: int, threads: int
-) -> dict[int, float]:
+    model: str, prompts: dict[int, list[int]], reps: int, threads: int, profile_ids: list[int] | None = None
+) -> dict[int, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -87,6 +108,8 @@ def bench_transformers(
                 lm(x, use_cache=True, logits_to_keep=1)
                 times.append((time.perf_counter() - t) * 1000.0)
             out[length] = statistics.median(times)
+        if profile_ids is not None:
+            out[-1] = op_breakdown(lambda: lm(torch.tensor([profile_ids]), use_cache=True, logits_to_keep=1))
     return out
 
 
@@ -132,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="an environment variable for the engine process, e.g. VLLM_CPU_ATTN_SPLIT_KV=0 (repeatable)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="TOKENS",
+        help="also profile one cold prefill of this many tokens on both and split the time into "
+        "linear layers, attention and the rest (needs the engine in this process, the default)",
+    )
     parser.add_argument("--skip-transformers", action="store_true", help="only measure vLLM")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -152,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         preload_iomp=args.preload_iomp,
     )
-    os.environ.update(engine_env)  # the engine core is a spawned child: it starts with these
+    profile_ids = prompt_of(tokenizer, args.profile) if args.profile else None
+    os.environ.update(engine_env)  # vLLM reads them when the engine starts
+    if profile_ids is not None and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1":
+        raise UserError("--profile needs the engine in this process: drop VLLM_ENABLE_V1_MULTIPROCESSING=1")
     with console.status("vLLM: starting and measuring ..."):
-        vllm = bench_vllm(opts, prompts, args.reps)
+        vllm = bench_vllm(opts, prompts, args.reps, profile_ids)
     for key in engine_env:  # transformers runs in this process, without them
         os.environ.pop(key, None)
-    hf: dict[int, float] = {}
+    hf: dict[int, Any] = {}
     if not args.skip_transformers:
         with console.status("transformers: measuring ..."):
-            hf = bench_transformers(model, prompts, args.reps, threads)
+            hf = bench_transformers(model, prompts, args.reps, threads, profile_ids)
 
     from rich.table import Table
 
@@ -199,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{cold / warm:.1f}x" if warm else "-",
         )
     console.print(table)
+    profiles = {"vllm": vllm.get(-1), "transformers": hf.get(-1)} if profile_ids is not None else None
+    if profiles is not None:
+        ops = Table(title=f"where one cold prefill of {args.profile} tokens spends its CPU time (ms)")
+        for col in ("engine", "linear layers", "attention", "other"):
+            ops.add_column(col, justify="right")
+        for engine, groups in profiles.items():
+            if groups:
+                ops.add_row(engine, *(f"{groups[k]:,.0f}" for k in ("linear_ms", "attention_ms", "other_ms")))
+        console.print(ops)
     wall_s = time.perf_counter() - wall
     console.print(f"suite wall time {wall_s:.0f} s; 'cold vs HF' > 1 means vLLM prefills faster")
     if args.json:
@@ -213,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_version": vllm_version(),
             "startup_s": vllm[0]["startup_s"],
             "rows": rows,
+            "profile": {"tokens": args.profile, **profiles} if profiles is not None else None,
             "wall_s": wall_s,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from harness.engine import EngineOptions, build_llm, vllm_version
+from harness.engine import EngineOptions, apply_environment, build_llm, vllm_version
 from harness.errors import UserError
 
 Message = dict[str, str]
@@ -154,9 +154,10 @@ def _vllm_collectors() -> list[Any]:
 
 
 class OfflineBackend:
-    """The embedded engine: ``vllm.LLM`` in this process (its core in a child process)."""
+    """The embedded engine: ``vllm.LLM`` (on CPU in this very process, see engine.py)."""
 
     def __init__(self, opts: EngineOptions, display_name: str) -> None:
+        apply_environment(opts)  # before vLLM's first import: it reads its settings then
         from vllm import SamplingParams
 
         self._sampling = SamplingParams
@@ -166,7 +167,7 @@ class OfflineBackend:
         # vLLM reports through the process-wide Prometheus registry, and every new engine
         # unregisters the collectors of the engines before it (get_metrics() then shows the
         # newest engine's numbers only). Keep this engine's own, so its counters stay right
-        # when another engine starts in the same process (lesson 3's engine without caching).
+        # when another engine starts in the same process (a test's second engine).
         self._collectors = [c for c in _vllm_collectors() if all(c is not b for b in before)]
         self.tokenizer = ChatTokenizer(opts.model)
         block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)

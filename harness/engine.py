@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ def apply_environment(opts: EngineOptions) -> None:
     """Set the environment vLLM reads at start-up. Must run before the engine is built."""
     # vLLM warns at length about CPU builds; the lessons print what matters (set it to see).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if opts.resolved_device() != "cpu":
         return
@@ -150,6 +152,7 @@ def engine_kwargs(opts: EngineOptions) -> dict[str, Any]:
     device = opts.resolved_device()
     kwargs: dict[str, Any] = {
         "model": opts.model,
+        "use_tqdm_on_load": False,  # a one-second bar in the middle of the lesson's output
         "enable_prefix_caching": opts.enable_prefix_caching,
         "disable_log_stats": False,  # per-request TTFT lives in the stats
         "seed": opts.seed,

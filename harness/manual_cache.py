@@ -345,12 +345,14 @@ class ManualCacheEngine:
         threads: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         if not marker:
             raise ValueError("the cache marker must be a non-empty string")
         torch.manual_seed(0)
         # Process-wide; torch's default can be lower than the cores we may use.
         torch.set_num_threads(threads or cpu_threads())
+        hf_logging.disable_progress_bar()  # the lesson shows its own status line while loading
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -55,6 +55,17 @@ def test_each_variant_starts_cold_on_a_warm_server(server: ServerProcess) -> Non
     assert backend.generate(messages).cached_tokens == 0
 
 
+def test_read_cache_off_reuses_nothing_on_the_server(server: ServerProcess) -> None:
+    """Lesson 3's WRONG against a server: no HTTP switch exists, a one-off cache_salt stands in."""
+    backend = ServerBackend(server.url)
+    messages = [{"role": "system", "content": "Stay short. " * 60}, {"role": "user", "content": "Hi"}]
+    backend.start_variant()
+    backend.generate(messages)
+    assert backend.generate(messages, read_cache=False).cached_tokens == 0
+    assert backend.generate(messages, read_cache=False).cached_tokens == 0
+    assert backend.generate(messages).cached_tokens > 0  # the variant's own cache is untouched
+
+
 def test_server_refuses_a_prompt_longer_than_the_context(server: ServerProcess) -> None:
     backend = ServerBackend(server.url)
     with pytest.raises(UserError, match="the server refused the request"):

@@ -45,13 +45,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.backend import Backend, Message
-from harness.cli import backend_from_args, exit_with, lesson_parser, run_variants_with_progress
+from harness.cli import exit_with, lesson_main, run_variants_with_progress
 from harness.errors import UserError
 from harness.explain import TemplateRenderer, TemplateTokenizer, detect_hint, locate_token, message_spans
 from harness.measure import VariantResult
 from harness.model import resolve_model
 from harness.prefix import cached_tokens_for, common_prefix_len
-from harness.report import ExampleResult, check_json_target, console, divergence_panel, show, write_json
+from harness.report import ExampleResult, console, divergence_panel
 from harness.scenario import TASK, TRACE, SimulatedClock, Step, action_text, observation_text, system_prompt
 
 EXAMPLE = "append_only_vs_inplace_edit"
@@ -514,17 +514,8 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = lesson_parser(__doc__)
-    add_lesson_args(parser)
-    args = parser.parse_args(argv)
-    steps_from(args)  # bad input fails before the engine starts
-    json_path = check_json_target(args.json)
-    with backend_from_args(args) as backend:
-        result = run(backend, args)
-    show(result)
-    explain(result)
-    write_json(json_path, result.to_json())
-    return 0
+    # steps_from checks the flags first: bad input fails before the engine starts.
+    return lesson_main(argv, __doc__, add_lesson_args, steps_from, run, explain)
 
 
 if __name__ == "__main__":

@@ -58,21 +58,18 @@ from rich.panel import Panel
 from rich.table import Table
 
 from harness.backend import Backend, Message
-from harness.cli import (
-    backend_from_args,
-    exit_with,
-    lesson_parser,
-    run_variants_with_progress,
-)
+from harness.cli import exit_with, lesson_main, run_variants_with_progress
 from harness.errors import UserError
 from harness.manual_cache import CACHE_MARKER, ManualCacheEngine, ManualReply, strip_marker
 from harness.measure import RequestRecord, VariantResult
 from harness.model import resolve_model
 from harness.prefix import cached_tokens_for, common_prefix_len, explain_divergence
-from harness.report import ExampleResult, check_json_target, console, divergence_panel, show, write_json
+from harness.report import ExampleResult, console, divergence_panel
 from harness.scenario import SimulatedClock, system_prompt
 
 EXAMPLE = "manual_cache_boundary"
+# The per-request column the tables add (run_all_examples.py passes it to report.show too).
+TABLE_COLUMNS = ("request",)
 DEFAULT_QUESTIONS = 8
 QUICK_QUESTIONS = 4
 DEFAULT_CHECK_TOKENS = 8
@@ -656,17 +653,8 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = lesson_parser(__doc__)
-    add_lesson_args(parser)
-    args = parser.parse_args(argv)
-    settings_from(args)  # bad input fails before an engine starts
-    json_path = check_json_target(args.json)
-    with backend_from_args(args) as backend:
-        result = run(backend, args)
-    show(result, extra_columns=("request",))
-    explain(result)
-    write_json(json_path, result.to_json())
-    return 0
+    # settings_from checks the flags first: bad input fails before the engine starts.
+    return lesson_main(argv, __doc__, add_lesson_args, settings_from, run, explain, TABLE_COLUMNS)
 
 
 if __name__ == "__main__":

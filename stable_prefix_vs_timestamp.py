@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 
 from harness.backend import Backend, Message
-from harness.cli import backend_from_args, exit_with, lesson_parser, run_variants_with_progress
+from harness.cli import exit_with, lesson_main, run_variants_with_progress
 from harness.errors import UserError
-from harness.report import ExampleResult, check_json_target, console, divergence_panel, show, write_json
+from harness.report import ExampleResult, console, divergence_panel
 from harness.scenario import (
     TASK,
     SimulatedClock,
@@ -130,17 +130,8 @@ def explain(result: ExampleResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = lesson_parser(__doc__)
-    add_lesson_args(parser)
-    args = parser.parse_args(argv)
-    turns_from(args)  # bad input fails before the engine starts
-    json_path = check_json_target(args.json)
-    with backend_from_args(args) as backend:
-        result = run(backend, args)
-    show(result)
-    explain(result)
-    write_json(json_path, result.to_json())
-    return 0
+    # turns_from checks the flags first: bad input fails before the engine starts.
+    return lesson_main(argv, __doc__, add_lesson_args, turns_from, run, explain)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from harness.engine import EngineOptions, apply_environment, build_llm, vllm_version
+from harness.engine import EngineOptions, build_llm, vllm_version
 from harness.errors import UserError
 
 Message = dict[str, str]
@@ -157,13 +157,12 @@ class OfflineBackend:
     """The embedded engine: ``vllm.LLM`` (on CPU in this very process, see engine.py)."""
 
     def __init__(self, opts: EngineOptions, display_name: str) -> None:
-        apply_environment(opts)  # before vLLM's first import: it reads its settings then
+        self.opts = opts
+        before = _vllm_collectors()
+        self.llm = build_llm(opts)  # sets vLLM's environment before vLLM is first imported
         from vllm import SamplingParams
 
         self._sampling = SamplingParams
-        self.opts = opts
-        before = _vllm_collectors()
-        self.llm = build_llm(opts)
         # vLLM reports through the process-wide Prometheus registry, and every new engine
         # unregisters the collectors of the engines before it (get_metrics() then shows the
         # newest engine's numbers only). Keep this engine's own, so its counters stay right

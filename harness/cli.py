@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from harness.backend import Backend, OfflineBackend, ServerBackend
 from harness.engine import EngineOptions, detect_device
 from harness.errors import UserError
 from harness.measure import VariantResult, run_variant
 from harness.model import MODEL_ENV, resolve_model
-from harness.report import console, err_console
+from harness.report import ExampleResult, check_json_target, console, err_console, show, write_json
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +83,30 @@ def lesson_parser(doc: str) -> argparse.ArgumentParser:
     )
     add_common_args(parser)
     return parser
+
+
+def lesson_main(
+    argv: list[str] | None,
+    doc: str,
+    add_lesson_args: Callable[[argparse.ArgumentParser], None],
+    check_args: Callable[[argparse.Namespace], object],
+    run: Callable[[Backend, argparse.Namespace], ExampleResult],
+    explain: Callable[[ExampleResult], None],
+    extra_columns: Sequence[str] = (),
+) -> int:
+    """The ``main`` of a lesson that runs on one engine: parse, fail on bad input before the
+    engine starts, run, then the tables, the lesson's explanation and ``--json``."""
+    parser = lesson_parser(doc)
+    add_lesson_args(parser)
+    args = parser.parse_args(argv)
+    check_args(args)
+    json_path = check_json_target(args.json)
+    with backend_from_args(args) as backend:
+        result = run(backend, args)
+    show(result, extra_columns=extra_columns)
+    explain(result)
+    write_json(json_path, result.to_json())
+    return 0
 
 
 def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True) -> EngineOptions:

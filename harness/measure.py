@@ -123,16 +123,14 @@ def run_variant(
     records: list[RequestRecord] = []
     for index, messages in enumerate(requests):
         prompt_ids = backend.render(messages)
-        prediction = model.predict(prompt_ids)
+        prediction = model.predict(prompt_ids) if read_cache else Prediction(len(prompt_ids), 0, 0, None)
         reply = backend.generate(messages, max_tokens=max_tokens, read_cache=read_cache)
-        if reply.prompt_token_ids is not None and list(reply.prompt_token_ids) != list(prompt_ids):
+        if read_cache and reply.prompt_token_ids is not None and list(reply.prompt_token_ids) != prompt_ids:
             # The engine rendered the chat differently from the harness: predict from what it saw.
             prompt_ids = list(reply.prompt_token_ids)
             prediction = model.predict(prompt_ids)
-        if not read_cache:
-            prediction = Prediction(len(prompt_ids), 0, 0, None)
         divergence = None
-        if model.sequences and read_cache:
+        if read_cache and model.sequences:
             reference = model.sequences[prediction.source if prediction.source is not None else -1]
             divergence = explain_divergence(prompt_ids, reference, backend.decode)
         record = RequestRecord(

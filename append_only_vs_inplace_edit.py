@@ -47,7 +47,8 @@ from rich.table import Table
 from harness.backend import Backend, Message
 from harness.cli import exit_with, lesson_main, run_variants_with_progress
 from harness.errors import UserError
-from harness.explain import TemplateRenderer, TemplateTokenizer, detect_hint, locate_token, message_spans
+from harness.explain import detect_hint
+from harness.explain.render import ChatRenderer
 from harness.measure import VariantResult
 from harness.model import resolve_model
 from harness.prefix import cached_tokens_for, common_prefix_len
@@ -299,7 +300,7 @@ class KeyOrderTrap:
 
 
 def key_order_trap(
-    renderer: TemplateRenderer, block_size: int, quick: bool, context_tokens: int = 3
+    renderer: ChatRenderer, block_size: int, quick: bool, context_tokens: int = 3
 ) -> KeyOrderTrap:
     """A no-op edit (a pending task set to pending) rebuilds its record: equal data, other text."""
     state = initial_state(quick, iso(SimulatedClock()))
@@ -307,7 +308,7 @@ def key_order_trap(
     moved["tasks"][1] = rebuilt(moved["tasks"][1], status=moved["tasks"][1]["status"])
 
     def prompt(text: str) -> list[int]:
-        return renderer.render(context(STATE_HEADER + text, [], quick))
+        return renderer.render_messages(context(STATE_HEADER + text, [], quick)).token_ids
 
     before, after = prompt(json.dumps(state)), prompt(json.dumps(moved))
     canonical_before, canonical_after = prompt(canonical_json(state)), prompt(canonical_json(moved))
@@ -359,10 +360,10 @@ def steps_from(args: argparse.Namespace) -> int:
 
 
 @lru_cache(maxsize=2)
-def template_renderer(model: str | None) -> TemplateTokenizer:
-    # The explainer's renderer: it also renders without the generation prompt, which is how
-    # message_spans finds where each message's tokens start and end.
-    return TemplateTokenizer(resolve_model(model).name_or_path)
+def template_renderer(model: str | None) -> ChatRenderer:
+    # The explainer's renderer (vLLM's own chat rendering): it also says which message holds a
+    # token, which is how each break is placed in the layout below.
+    return ChatRenderer(resolve_model(model).name_or_path)
 
 
 HINT_WINDOW = 40  # characters on each side of the first change that detect_hint looks at
@@ -392,14 +393,13 @@ def context_part(message_index: int | None, state: str) -> str:
 
 
 def annotate(
-    variant: VariantResult, requests: list[list[Message]], renderer: TemplateRenderer, state: str
+    variant: VariantResult, requests: list[list[Message]], renderer: ChatRenderer, state: str
 ) -> None:
     """Add to each record where its first uncached token sits: message, role, part, and why."""
     for record, messages, previous in zip(variant.requests, requests, [None, *requests], strict=False):
         if previous is None:
             continue  # the first request of a variant meets an empty cache
-        spans = message_spans(renderer, messages, renderer.render(messages))
-        index = locate_token(spans, record.first_divergence)
+        index = renderer.message_at(renderer.render_messages(messages), record.first_divergence)
         hint = None
         if index is not None and index < len(previous) and previous[index]["role"] == messages[index]["role"]:
             hint = hint_at_break(previous[index]["content"], messages[index]["content"])
@@ -417,7 +417,7 @@ def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
     steps = steps_from(args)
     renderer = template_renderer(args.model)
     wrong_requests, right_requests = build_wrong(steps, args.quick), build_right(steps, args.quick)
-    if renderer.render(wrong_requests[0]) != backend.render(wrong_requests[0]):
+    if renderer.render_messages(wrong_requests[0]).token_ids != backend.render(wrong_requests[0]):
         raise UserError(
             "the local tokenizer renders these prompts differently from the engine: "
             "pass --model naming the model the server runs"

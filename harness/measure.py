@@ -130,8 +130,8 @@ def run_variant(
             prompt_ids = list(reply.prompt_token_ids)
             prediction = model.predict(prompt_ids)
         divergence = None
-        if read_cache and model.sequences:
-            reference = model.sequences[prediction.source if prediction.source is not None else -1]
+        if read_cache and len(model):
+            reference = model.sequence(prediction.source if prediction.source is not None else -1)
             divergence = explain_divergence(prompt_ids, reference, backend.decode)
         record = RequestRecord(
             index=index,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(opts: EngineOptions, port: int) -> list[str]:
+def server_command(opts: EngineOptions, port: int, extra_args: Sequence[str] = ()) -> list[str]:
     device = opts.resolved_device()
     cmd = [
         sys.executable,
@@ -81,7 +81,7 @@ def server_command(opts: EngineOptions, port: int) -> list[str]:
         if opts.enforce_eager:
             cmd.append("--enforce-eager")
         cmd += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
-    return cmd
+    return cmd + list(extra_args)
 
 
 def server_environment(opts: EngineOptions, index: int, count: int) -> dict[str, str]:
@@ -115,8 +115,10 @@ class LocalServers:
         log_dir: Path | None = None,
         timeout_s: float = 600.0,
         on_status: Callable[[str], None] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.opts = opts
+        self.extra_args = list(extra_args)  # more api_server flags, e.g. --chat-template
         self.count = count
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlessons-servers-"))
         self.timeout_s = timeout_s
@@ -152,7 +154,7 @@ class LocalServers:
             log_path = self.log_dir / f"{name}.log"
             log = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
             process = subprocess.Popen(
-                server_command(self.opts, port),
+                server_command(self.opts, port, self.extra_args),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

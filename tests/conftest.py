@@ -16,7 +16,13 @@ sys.path.insert(0, str(ROOT))
 
 from harness.backend import ChatTokenizer, OfflineBackend  # noqa: E402
 from harness.engine import EngineOptions  # noqa: E402
+from harness.explain.render import ChatRenderer  # noqa: E402
 from harness.model import resolve_model  # noqa: E402
+from harness.servers import LocalServers, ServerProcess  # noqa: E402
+
+# ChatML plus Hermes-style tools: renders tool-less chats exactly as SmolLM2's own template does,
+# so every server test (lessons, explainer, monitor) can share one server.
+TOOLS_TEMPLATE = ROOT / "examples" / "chatml_tools.jinja"
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +37,37 @@ def tokenizer(model_path: str) -> ChatTokenizer:
 
 
 @pytest.fixture(scope="session")
+def chat_renderer(model_path: str) -> Iterator[ChatRenderer]:
+    """vLLM's own chat rendering of the default model (no engine: imports vLLM, ~15 s once)."""
+    renderer = ChatRenderer(model_path)
+    yield renderer
+    renderer.close()
+
+
+@pytest.fixture(scope="session")
+def tools_renderer(model_path: str) -> Iterator[ChatRenderer]:
+    """The same with the tools-rendering template the test server runs."""
+    renderer = ChatRenderer(model_path, TOOLS_TEMPLATE)
+    yield renderer
+    renderer.close()
+
+
+@pytest.fixture(scope="session")
 def engine(model_path: str) -> Iterator[OfflineBackend]:
     backend = OfflineBackend(EngineOptions(model=model_path, block_size=32), "SmolLM2-135M-Instruct")
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real OpenAI-compatible vLLM server for the whole test session (block size 32)."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    opts = EngineOptions(model=model_path, device="cpu")
+    extra = ["--chat-template", str(TOOLS_TEMPLATE)]
+    with LocalServers(opts, count=1, log_dir=logs, extra_args=extra) as servers:
+        yield servers[0]
+    assert not servers[0].alive()
 
 
 def run_script(

@@ -75,3 +75,35 @@ def test_explain_divergence_reports_both_sides() -> None:
     assert (d.index, d.before, d.token, d.after, d.previous_token) == (2, "ab", "c", "de", "j")
     same = explain_divergence([0, 1], [0, 1, 2], decode)
     assert (same.index, same.token, same.previous_token) == (2, "", "c")
+
+
+def test_index_equals_brute_force_on_random_sequences() -> None:
+    """The block-hash index against the definition: the longest common prefix with any
+    recorded sequence, the most recent one on a tie, and the block rule on top."""
+    import random
+
+    rng = random.Random(7)
+    for block in (1, 3, 4, 8):
+        m = PrefixCacheModel(block_size=block)
+        seen: list[list[int]] = []
+        for _ in range(300):
+            if seen and rng.random() < 0.7:  # edit or extend an earlier one: shared prefixes
+                base = rng.choice(seen)
+                cut = rng.randint(0, len(base))
+                prompt = base[:cut] + [rng.randint(0, 3) for _ in range(rng.randint(0, 12))]
+            else:
+                prompt = [rng.randint(0, 3) for _ in range(rng.randint(0, 20))]
+            best, source = 0, None
+            for i, s in enumerate(seen):
+                n = common_prefix_len(prompt, s)
+                if n > best or (n == best and n > 0):
+                    best, source = n, i
+            p = m.predict(prompt)
+            assert p.common_prefix == best
+            assert p.cached_tokens == cached_tokens_for(len(prompt), best, block)
+            if best > 0:
+                assert p.source == source
+            output = [rng.randint(0, 3) for _ in range(rng.randint(0, 3))]
+            m.record(prompt, output)
+            seen.append(prompt + output[:-1])
+            assert list(m.sequence(-1)) == seen[-1]

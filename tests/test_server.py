@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import run_script
 
 from harness.backend import ServerBackend
-from harness.engine import EngineOptions
 from harness.errors import UserError
-from harness.servers import LocalServers, ServerProcess
+from harness.servers import ServerProcess
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    logs = tmp_path_factory.mktemp("server-logs")
-    with LocalServers(EngineOptions(model=model_path, device="cpu"), count=1, log_dir=logs) as servers:
-        yield servers[0]
-    assert not servers[0].alive()
+def server(vllm_server: ServerProcess) -> ServerProcess:
+    return vllm_server
 
 
 def test_lesson1_quick_against_the_server(server: ServerProcess, tmp_path: Path) -> None:

@@ -1,0 +1,329 @@
+"""Turning a logged request body into the prompt token IDs vLLM's server computes for it.
+
+Nothing here re-implements vLLM's chat handling: the body goes through the very code path of
+vLLM's OpenAI server (``ChatCompletionRequest`` validation, then ``OnlineRenderer.render_chat``:
+``tools`` passed to the template as ``tool.model_dump()``, ``content: null`` and text parts as
+the server joins them, ``tool_calls`` arguments parsed into objects, ``chat_template_kwargs``,
+``add_generation_prompt``, ``continue_final_message``, ``documents``, ``reasoning_effort``,
+``truncate_prompt_tokens``, the ``developer`` role, ...), and an Anthropic Messages body first
+through the converter of vLLM's own ``/v1/messages`` endpoint. Rendering with the same model,
+chat template and vLLM version therefore gives the same token IDs as the server, by construction.
+
+Two things the server does not need and the explainer does, both from that one rendering:
+
+* which message holds a given token: the template is rendered again as *text* (no
+  tokenization) for the first k messages, and a binary search finds the first message whose
+  text reaches the token's character offset (the offsets come from the same tokenization);
+* the tokens of a logged reply, which the engine also caches (prompt plus generated tokens but
+  the last): the reply as the template renders it after the prompt, up to and including the
+  end-of-turn token, or the exact ``token_ids`` when the server returned them.
+
+Importing vLLM takes 10-20 s; it happens when a ``ChatRenderer`` is built, after the log has
+been read and checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+from harness.explain.formats import ANTHROPIC, OPENAI, ChatRequest, LoggedResponse
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One request as the engine sees it."""
+
+    token_ids: list[int]
+    text: str  # the prompt text the chat template produced
+    offsets: list[tuple[int, int]]  # per token: its character span in ``text``
+    conversation: list[dict[str, Any]]  # the chat messages exactly as the template saw them
+    tools: list[dict[str, Any]] | None  # the tool list exactly as the template saw it
+    template_kwargs: dict[str, Any]  # what vLLM passed to the chat template besides the messages
+    cache_salt: str | None  # the body's own cache_salt (vLLM keeps such requests apart)
+
+    def char_at(self, index: int) -> int:
+        """The character offset where token ``index`` starts (the prompt's length past the end)."""
+        if index >= len(self.offsets):
+            return len(self.text)
+        start, end = self.offsets[index]
+        if (start, end) == (0, 0) and index > 0:  # fast tokenizers give special tokens (0, 0)
+            return self.offsets[index - 1][1]
+        return start
+
+
+@dataclass(frozen=True)
+class ReplyTokens:
+    """The tokens a logged reply added to the engine's cache, and how sure that is."""
+
+    token_ids: list[int]  # as generated: the last one (end of turn) is never cached
+    source: str  # "token_ids" (exact, from the response) | "rendered" (as the template renders it)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ChatRenderer:
+    """vLLM's own chat rendering for one model and chat template, without an engine."""
+
+    def __init__(
+        self,
+        model: str,
+        chat_template: Path | None = None,
+        trust_request_chat_template: bool = False,
+        exclude_tools_when_tool_choice_none: bool = False,
+    ) -> None:
+        import os
+
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            from vllm.config import ModelConfig, VllmConfig
+            from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+            from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+            from vllm.renderers.chat_utils import load_chat_template, parse_chat_messages
+            from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
+            from vllm.renderers.online_renderer import OnlineRenderer
+            from vllm.renderers.registry import renderer_from_config
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise UserError(f"vLLM is not installed ({exc}): run `python setup_and_test.py`") from exc
+
+        template: str | None = None
+        if chat_template is not None:
+            if not chat_template.is_file():
+                raise UserError(f"--chat-template {chat_template}: no such file")
+            template = load_chat_template(chat_template)
+        try:
+            self.model_config = ModelConfig(model=model)
+        except Exception as exc:
+            raise UserError(f"could not load the model config of {model}: {_first_line(exc)}") from exc
+        # The server refuses a prompt longer than the model's context; the analysis renders it
+        # anyway (the log may come from a longer-context deployment) and says so per request.
+        self.max_model_len = int(self.model_config.max_model_len)
+        self.model_config.max_model_len = 1 << 40
+        renderer = renderer_from_config(VllmConfig(model_config=self.model_config))
+        self.tokenizer = renderer.get_tokenizer()
+        if getattr(self.tokenizer, "chat_template", None) is None and template is None:
+            raise UserError(
+                f"model {model} has no chat template: use an instruct/chat model or --chat-template"
+            )
+        self._online = OnlineRenderer(
+            self.model_config,
+            renderer,
+            request_logger=None,
+            chat_template=template,
+            chat_template_content_format="auto",
+            trust_request_chat_template=trust_request_chat_template,
+            # tool_choice never changes the prompt of a Hugging Face chat template (vLLM only
+            # reads it to parse the reply), but a server without a tool parser refuses "auto":
+            # the log's requests were served, so render them as the server that served them did.
+            enable_auto_tools=True,
+            exclude_tools_when_tool_choice_none=exclude_tools_when_tool_choice_none,
+        )
+        # Keep what vLLM hands to the chat template for the request being rendered: the
+        # template is then rendered again with exactly those arguments (prefixes, replies).
+        original = renderer._apply_chat_template_async
+        self._template_call: tuple[list[dict[str, Any]], dict[str, Any]] = ([], {})
+
+        async def recording(model_config: Any, tokenizer: Any, conversation: Any, **kwargs: Any) -> Any:
+            self._template_call = (list(conversation), dict(kwargs))
+            return await original(model_config, tokenizer, conversation, **kwargs)
+
+        renderer._apply_chat_template_async = recording
+        self._loop = asyncio.new_event_loop()
+        self._request_cls = ChatCompletionRequest
+        self._anthropic_cls = AnthropicMessagesRequest
+        self._anthropic = AnthropicServingMessages
+        self._merge_inline_system = AnthropicServingMessages._detect_merge_inline_system(
+            template or self.tokenizer.chat_template
+        )
+        self._apply_template = safe_apply_chat_template
+        self._parse_messages = parse_chat_messages
+        self._content_format = resolve_chat_template_content_format
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        config = self.model_config.try_get_generation_config() or {}
+        extra = config.get("eos_token_id")
+        ids.update(int(i) for i in (extra if isinstance(extra, list) else [extra]) if i is not None)
+        return ids
+
+    # ------------------------------------------------------------------ the request as sent
+
+    def chat_request(self, request: ChatRequest) -> Any:
+        """The vLLM ``ChatCompletionRequest`` the server builds from this body."""
+        body = dict(request.body)
+        body.setdefault("model", "log")
+        try:
+            if request.format == ANTHROPIC:
+                body.setdefault("max_tokens", 1)
+                anthropic = self._anthropic_cls.model_validate(body)
+                converted = self._anthropic.to_chat_completion_request(
+                    anthropic, merge_inline_system=self._merge_inline_system
+                )
+                body = converted.model_dump(exclude_unset=True)
+            body["return_token_offsets"] = True
+            if body.get("tools") and body.get("tool_choice") not in (None, "auto", "none"):
+                body["tool_choice"] = "auto"  # "required" or a named tool: the same prompt
+            # Generation settings never change the prompt's tokens; the server checks them
+            # against the context only when it generates.
+            for key in ("max_tokens", "max_completion_tokens"):
+                body.pop(key, None)
+            return self._request_cls.model_validate(body)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"line {request.line}: vLLM refuses this body: {_validation_message(exc)}"
+            ) from None
+
+    def render(self, request: ChatRequest) -> Rendered:
+        chat = self.chat_request(request)
+        try:
+            result = self._loop.run_until_complete(self._online.render_chat(chat))
+        except Exception as exc:  # the template itself may refuse (e.g. an unknown role)
+            problem = f"the chat template refused the messages: {_first_line(exc)}"
+            raise UserError(f"line {request.line}: {problem}") from exc
+        if not isinstance(result, tuple):  # vLLM's ErrorResponse
+            message = getattr(getattr(result, "error", None), "message", None) or str(result)
+            raise UserError(f"line {request.line}: vLLM refuses this body: {str(message).splitlines()[0]}")
+        conversation, (engine_input,) = result
+        template_conversation, kwargs = self._template_call
+        # vLLM's own lists (ints and (start, end) pairs), kept as they are: no copy per token.
+        return Rendered(
+            token_ids=engine_input["prompt_token_ids"],
+            text=str(engine_input.get("prompt", "")),
+            offsets=engine_input.get("prompt_token_offsets") or [],
+            conversation=template_conversation or list(conversation),
+            tools=kwargs.get("tools"),
+            template_kwargs=kwargs,
+            cache_salt=getattr(chat, "cache_salt", None),
+        )
+
+    def render_messages(self, messages: Sequence[dict[str, Any]]) -> Rendered:
+        """A plain chat (an OpenAI ``messages`` list) as the engine sees it."""
+        return self.render(ChatRequest(0, {"messages": list(messages)}, OPENAI, None))
+
+    # ------------------------------------------------------------------ text of the template
+
+    def template_text(self, rendered: Rendered, conversation: Sequence[dict[str, Any]]) -> str:
+        """The template's text for ``conversation`` with the request's own arguments, as a
+        finished conversation (no generation prompt)."""
+        kwargs = dict(rendered.template_kwargs)
+        kwargs.update(add_generation_prompt=False, continue_final_message=False, tokenize=False)
+        return str(self._apply_template(self.model_config, self.tokenizer, list(conversation), **kwargs))
+
+    def message_at(self, rendered: Rendered, index: int) -> int | None:
+        """The message (index into ``rendered.conversation``) holding token ``index``; None for the
+        generation prompt after the last message.
+
+        Message k ends where the template's text for the first k + 1 messages ends: exact
+        whenever that text is a prefix of the whole prompt (every message keeps its text when
+        more follow). A template that rewrites earlier turns moves the end to where the two
+        texts stop agreeing, the closest boundary the text allows.
+        """
+        char = rendered.char_at(index)
+        n = len(rendered.conversation)
+        lo, hi = 0, n  # answer in [lo, hi]; hi == n means "after the last message"
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.template_text(rendered, rendered.conversation[: mid + 1])
+            end = len(text) if rendered.text.startswith(text) else _common_prefix(text, rendered.text)
+            if end > char:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo if lo < n else None
+
+    # ------------------------------------------------------------------ replies
+
+    def reply_tokens(self, request: ChatRequest, rendered: Rendered, response: LoggedResponse) -> ReplyTokens:
+        """The tokens the engine generated for ``response`` (see the module docstring)."""
+        if response.token_ids:
+            return ReplyTokens(list(response.token_ids), "token_ids")
+        message = self._reply_message(request, response)
+        kwargs = dict(rendered.template_kwargs)
+        fmt = self._content_format(
+            chat_template=kwargs.get("chat_template"),
+            tools=kwargs.get("tools"),
+            given_format="auto",
+            tokenizer=self.tokenizer,
+            model_config=self.model_config,
+        )
+        reply_conversation, _, _ = self._parse_messages([message], self.model_config, content_format=fmt)
+        full = self.template_text(rendered, [*rendered.conversation, *reply_conversation])
+        if not full.startswith(rendered.text):
+            # The generation prompt is not how the template writes an assistant turn's start:
+            # fall back to the reply's own text.
+            text = message.get("content") if isinstance(message.get("content"), str) else ""
+            tail = [*self.encode(text or "")]
+        else:
+            tail = self.encode(full[len(rendered.text) :])
+        ids: list[int] = []
+        for token in tail:
+            if token in self.eos_token_ids:
+                if response.finish_reason != "length":
+                    ids.append(token)  # the end of turn was generated (and is never cached)
+                break
+            ids.append(token)
+        return ReplyTokens(ids, "rendered")
+
+    def _reply_message(self, request: ChatRequest, response: LoggedResponse) -> dict[str, Any]:
+        """The reply as an OpenAI chat message, converted the way the request itself was."""
+        if request.format != ANTHROPIC:
+            return dict(response.message)
+        body = {"model": "log", "max_tokens": 1, "messages": [response.message]}
+        converted = self._anthropic.to_chat_completion_request(self._anthropic_cls.model_validate(body))
+        messages = list(converted.messages)
+        return dict(messages[0]) if messages else {"role": "assistant", "content": ""}
+
+    # ------------------------------------------------------------------ tokens
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids)))
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _validation_message(exc: Exception) -> str:
+    """pydantic's first error as one line: where in the body, and what."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
+        except Exception:
+            pass
+    return _first_line(exc)
+
+
+def tools_digest(tools: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    """(name, canonical JSON) per tool, in order: what the structural hints compare."""
+    out: list[tuple[str, str]] = []
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        name = str(function.get("name", "")) if isinstance(function, dict) else ""
+        out.append((name, json.dumps(tool, sort_keys=True, ensure_ascii=False)))
+    return out

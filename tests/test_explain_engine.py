@@ -1,0 +1,85 @@
+"""The explainer held to the real engine and to a real server: prediction == engine, request by
+request, on the shipped logs (plain chats; an agent log with tools, tool calls, Anthropic
+bodies and the server's replies)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TOOLS_TEMPLATE, run_script
+
+from harness.backend import OfflineBackend
+from harness.explain import explain_requests, read_requests
+from harness.explain.render import ChatRenderer
+from harness.explain.verify import EngineReplay, verify
+from harness.servers import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "agent_trace.jsonl"
+TOOLS_LOG = ROOT / "examples" / "agent_tools_log.jsonl"
+
+
+@pytest.mark.parametrize("scope", ["session", "shared"])
+def test_verify_agrees_with_the_engine_on_the_example(
+    engine: OfflineBackend, chat_renderer: ChatRenderer, scope: str
+) -> None:
+    requests, skipped = read_requests(EXAMPLE)
+    assert not skipped
+    explained = explain_requests(requests, chat_renderer, engine.info.block_size, scope=scope)
+    rows = verify(requests, explained, EngineReplay(engine), scope)
+    assert len(rows) == 7
+    assert [r.engine_cached_tokens for r in rows] == [e.predicted_cached_tokens for e in explained]
+    assert [r.prompt_tokens for r in rows] == [e.prompt_tokens for e in explained]
+    assert sum(r.engine_cached_tokens for r in rows) > 0
+    # the shared scope serves the second session's first request from the first session's blocks
+    assert (explained[2].predicted_cached_tokens > 0) == (scope == "shared")
+
+
+def test_verify_agrees_on_an_agent_log_with_tools_and_replies(
+    engine: OfflineBackend, tools_renderer: ChatRenderer
+) -> None:
+    requests, skipped = read_requests(TOOLS_LOG)
+    assert not skipped
+    assert {r.format for r in requests} == {"openai", "anthropic"}
+    explained = explain_requests(requests, tools_renderer, engine.info.block_size)
+    # The server that recorded the log reported exactly the predicted cached tokens ...
+    assert all(e.reconciliation is not None and e.reconciliation.agrees for e in explained)
+    # ... and the embedded engine, fed the same tokens and the replies, agrees too.
+    rows = verify(requests, explained, EngineReplay(engine), "shared")
+    assert [r.engine_cached_tokens for r in rows] == [e.predicted_cached_tokens for e in explained]
+    assert all(e.reply_tokens > 0 for e in explained)
+    assert [e.hint.kind for e in explained if e.hint is not None] == ["tools_reordered", "timestamp"]
+    # replies count: every "extends" goes past its reference prompt into the reply it got
+    for e in explained:
+        if e.status == "extends":
+            reference = next(x for x in explained if x.line == e.reference_line)
+            assert e.first_divergence > reference.prompt_tokens
+
+
+def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
+    vllm_server: ServerProcess, tmp_path: Path
+) -> None:
+    out = tmp_path / "explain.json"
+    proc = run_script(
+        "-m",
+        "harness.explain",
+        str(TOOLS_LOG),
+        "--chat-template",
+        str(TOOLS_TEMPLATE),
+        "--endpoint",
+        vllm_server.url,
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert document["verified"] is True and document["block_size"] == 32
+    for row in document["requests"]:
+        # the server rendered every body (OpenAI and Anthropic, with tools) to the same tokens
+        assert row["engine_prompt_tokens"] == row["prompt_tokens"], row["line"]
+        assert row["engine_cached_tokens"] == row["predicted_cached_tokens"], row["line"]
+    assert "the engine agrees with the prediction on all 10 requests" in proc.stdout

@@ -1,0 +1,371 @@
+"""Each provider's cache rule, as a function from (prompt, cache state) to what the request reads and writes.
+
+Every rule returns an ``Outcome`` without touching the state; ``Outcome.commit()`` then applies
+the request's writes and refreshes. That split lets the simulation ask "what would this request
+have read had it been append-only?" against the very state the real request met.
+
+Two kinds of state:
+
+``DigestStore``
+    Entries keyed by a digest of the exact token prefix they end at. For the breakpoint
+    families (Anthropic, OpenAI GPT-5.6+): an entry exists only where a request wrote one, and a
+    lookup only checks the boundaries the rules name.
+``SequenceStore``
+    Whole prompts seen before. For the automatic prefix families (OpenAI before GPT-5.6, Gemini
+    implicit caching): a hit is the longest common prefix with any live one, rounded to the rule's
+    step.
+
+Lifetimes: an entry expires ``ttl`` seconds after it was last written or read (a hit refreshes
+it, as every provider here documents); without timestamps nothing expires.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from harness.providers.table import ModelEntry
+from harness.providers.tokens import Prompt
+
+DEVELOPER_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    cached: int
+    writes: Mapping[str, int]  # write TTL label -> tokens written at it
+    notes: tuple[str, ...]
+    commit: Callable[[], None] = field(compare=False)
+
+    @property
+    def written(self) -> int:
+        return sum(self.writes.values())
+
+
+def _nothing() -> None:
+    return None
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '6 min', '6.5 min', '2 h': for notes a person reads."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}".rstrip("0").rstrip(".") + " min"
+    return f"{seconds / 3600:.1f}".rstrip("0").rstrip(".") + " h"
+
+
+def _expired_note(now: float, last_used: float, ttl: float) -> str:
+    return f"expired: {duration(now - last_used)} since last use (TTL {duration(ttl)})"
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Entry:
+    ttl: float | None
+    last_used: float | None
+
+    def live(self, now: float | None) -> bool:
+        if now is None or self.ttl is None or self.last_used is None:
+            return True
+        return now - self.last_used <= self.ttl
+
+
+class DigestStore:
+    """Cache entries keyed by a digest of the prefix they end at."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, _Entry] = {}
+
+    def get(self, key: bytes) -> _Entry | None:
+        return self._entries.get(key)
+
+    def write(self, key: bytes, now: float | None, ttl: float | None) -> None:
+        old = self._entries.get(key)
+        if old is not None and old.live(now) and old.ttl is not None and ttl is not None:
+            ttl = max(ttl, old.ttl)  # a shorter write does not cut a longer entry short
+        self._entries[key] = _Entry(ttl, now)
+
+    def touch(self, key: bytes, now: float | None) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and now is not None:
+            entry.last_used = now
+
+
+def prefix_digests(tokens: Sequence[int], positions: Iterable[int]) -> dict[int, bytes]:
+    """Digest of ``tokens[:p]`` for each ``p``, in one pass (the hash of a prefix chains like vLLM's)."""
+    wanted = sorted({p for p in positions if 0 < p <= len(tokens)})
+    hasher = hashlib.blake2b(digest_size=16)
+    digests: dict[int, bytes] = {}
+    done = 0
+    for position in wanted:
+        hasher.update(array("q", tokens[done:position]).tobytes())
+        done = position
+        digests[position] = hasher.copy().digest()
+    return digests
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int], chunk: int = 4096) -> int:
+    """Leading tokens ``a`` and ``b`` share: whole chunks compared at C speed, one chunk by hand."""
+    n = min(len(a), len(b))
+    start = 0
+    while start < n:
+        stop = min(n, start + chunk)
+        if a[start:stop] != b[start:stop]:
+            return next(i for i in range(start, stop) if a[i] != b[i])
+        start = stop
+    return n
+
+
+class SequenceStore:
+    """Every prompt computed before, with when it was last used.
+
+    Kept in sorted order: the sequences sharing the longest prefix with a new prompt sit next to
+    where it would be inserted, and the shared length only shrinks walking away from that point,
+    so a lookup compares a handful of neighbours instead of every prompt of the log.
+    """
+
+    def __init__(self) -> None:
+        self._sorted: list[tuple[int, ...]] = []
+        self._entries: dict[tuple[int, ...], _Entry] = {}
+
+    def best(
+        self, tokens: tuple[int, ...], now: float | None
+    ) -> tuple[int, tuple[int, ...] | None, int, _Entry | None]:
+        """(longest live shared prefix, that sequence, longest expired one beyond it, its entry)."""
+        live, live_seq, dead, dead_entry = 0, None, 0, None
+        at = bisect.bisect_left(self._sorted, tokens)
+        for direction in (-1, 1):
+            index = at - 1 if direction < 0 else at
+            while 0 <= index < len(self._sorted):
+                seq = self._sorted[index]
+                shared = shared_prefix(tokens, seq)
+                if shared <= live:
+                    break  # farther sequences share no more than this one
+                entry = self._entries[seq]
+                if entry.live(now):
+                    live, live_seq = shared, seq
+                    break
+                if shared > dead:
+                    dead, dead_entry = shared, entry
+                index += direction
+        return live, live_seq, dead, dead_entry
+
+    def add(self, tokens: tuple[int, ...], now: float | None, ttl: float | None) -> None:
+        if tokens not in self._entries:
+            bisect.insort(self._sorted, tokens)
+        self._entries[tokens] = _Entry(ttl, now)
+
+
+# --------------------------------------------------------------------------- Anthropic
+
+
+def anthropic(
+    entry: ModelEntry, prompt: Prompt, top_level: str | None, store: DigestStore, now: float | None
+) -> Outcome:
+    """Explicit ``cache_control`` breakpoints (and the automatic one), 20-block lookback, minimum, TTLs."""
+    rules = entry.rules
+    blocks = prompt.blocks
+    notes: list[str] = []
+    markers: list[tuple[int, str]] = []
+    for index, block in enumerate(blocks):
+        if block.cache_control is None:
+            continue
+        if block.empty:
+            notes.append(f"block {index + 1} is empty: an empty text block cannot be cached")
+            continue
+        markers.append((index, block.cache_control))
+    filled = [index for index, block in enumerate(blocks) if not block.empty]
+    if top_level is not None and filled:
+        last = filled[-1]
+        on_last = blocks[last].cache_control
+        if on_last == top_level:
+            pass  # the documented no-op: the last block already carries the same breakpoint
+        elif on_last is not None:
+            notes.append(
+                f"top-level cache_control ({top_level}) differs from the last block's ({on_last}): "
+                "the API returns a 400 error"
+            )
+        elif len(markers) >= rules.max_breakpoints:
+            notes.append(
+                f"{len(markers)} block breakpoints leave no slot for the top-level cache_control: "
+                "the API returns a 400 error"
+            )
+        else:
+            markers.append((last, top_level))
+    if len(markers) > rules.max_breakpoints:
+        notes.append(
+            f"{len(markers)} breakpoints: the API refuses more than {rules.max_breakpoints} "
+            f"(simulated with the first {rules.max_breakpoints})"
+        )
+        markers = markers[: rules.max_breakpoints]
+    ttls = [ttl for _, ttl in markers]
+    if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
+        notes.append("a 1h breakpoint after a 5m one: the API wants longer TTLs first")
+    if not markers:
+        notes.append("no cache_control breakpoint: nothing read from or written to the cache")
+        return Outcome(0, {}, tuple(notes), _nothing)
+
+    window = rules.lookback_blocks
+    positions = {blocks[j].end for i, _ in markers for j in range(max(0, i - window + 1), i + 1)}
+    digests = prefix_digests(prompt.tokens, positions)
+    best, best_key = 0, None
+    expired: tuple[int, _Entry] | None = None
+    for index, _ in markers:
+        # Walk back from the breakpoint, at most `window` positions (the breakpoint is the first).
+        for j in range(index, max(-1, index - window), -1):
+            position = blocks[j].end
+            found = store.get(digests[position]) if position in digests else None
+            if found is None:
+                continue
+            if found.live(now):
+                if position > best:
+                    best, best_key = position, digests[position]
+                break
+            if expired is None or position > expired[0]:
+                expired = (position, found)
+    if expired is not None and expired[0] > best and now is not None:
+        dead = expired[1]
+        assert dead.last_used is not None and dead.ttl is not None  # only entries with both expire
+        notes.append(_expired_note(now, dead.last_used, dead.ttl))
+
+    minimum = entry.min_tokens
+    candidates = [(blocks[i].end, ttl) for i, ttl in markers if blocks[i].end > best]
+    short = [position for position, _ in candidates if position < minimum]
+    if short and len(short) == len(candidates) and best == 0:
+        notes.append(f"below the {minimum:,}-token minimum: nothing cached")
+    elif short:
+        notes.append(f"breakpoint at {short[0]:,} tokens is below the {minimum:,}-token minimum: not cached")
+    to_write = [(position, ttl) for position, ttl in candidates if position >= minimum]
+    last_write = max((position for position, _ in to_write), default=best)
+    last_hour = max((position for position, ttl in to_write if ttl == "1h"), default=best)
+    # Anthropic's mixed-TTL billing: A = the hit, B = the last 1h breakpoint after it, C = the last
+    # breakpoint; B - A is billed as 1h writes, C - B as 5m writes.
+    writes = {"1h": last_hour - best, "5m": last_write - last_hour}
+    writes = {ttl: tokens for ttl, tokens in writes.items() if tokens > 0}
+
+    def commit() -> None:
+        if best_key is not None:
+            store.touch(best_key, now)
+        for position, ttl in to_write:
+            store.write(digests[position], now, rules.ttl_by_label[ttl])
+
+    return Outcome(best, writes, tuple(notes), commit)
+
+
+# --------------------------------------------------------------------------- OpenAI GPT-5.6+
+
+
+def _eligible_message_ends(prompt: Prompt) -> tuple[list[int], int | None]:
+    """Message ends OpenAI's implicit mode may break at, and the end of the initial developer block."""
+    messages = [
+        (block.role, block.end) for block in prompt.blocks if block.closes_message and block.kind != "tool"
+    ]
+    initial = 0
+    while initial < len(messages) and messages[initial][0] in DEVELOPER_ROLES:
+        initial += 1
+    eligible: list[int] = []
+    for k, (role, end) in enumerate(messages):
+        if role == "user":
+            eligible.append(end)
+        elif role == "tool" and (k + 1 == len(messages) or messages[k + 1][0] != "tool"):
+            eligible.append(end)  # the last tool response of a consecutive group
+        elif role in DEVELOPER_ROLES and k == initial - 1:
+            eligible.append(end)  # the last developer message of the initial group
+    return eligible, (messages[initial - 1][1] if initial else None)
+
+
+def openai_breakpoints(
+    entry: ModelEntry, prompt: Prompt, mode: str | None, store: DigestStore, now: float | None
+) -> Outcome:
+    """GPT-5.6 and later: an implicit breakpoint at the latest eligible message, explicit ones, 30 minutes."""
+    rules = entry.rules
+    implicit = (mode or "implicit") == "implicit"
+    notes: list[str] = []
+    explicit = [block.end for block in prompt.blocks if block.cache_control is not None and not block.empty]
+    lookups = set(explicit[: rules.explicit_first] + explicit[-rules.explicit_latest :])
+    writes_at: list[int] = []
+    if implicit:
+        eligible, developer_end = _eligible_message_ends(prompt)
+        if eligible:
+            lookups.add(eligible[-1])
+            lookups.update(eligible[:-1][-rules.earlier_message_endings :])
+            writes_at.append(eligible[-1])
+        else:
+            notes.append("no user, tool or initial developer message: no implicit breakpoint")
+        if developer_end is not None:
+            lookups.add(developer_end)
+        slots = rules.max_writes - len(writes_at)
+        writes_at += explicit[-slots:] if slots > 0 else []
+    else:
+        writes_at = explicit[-rules.max_writes :] if rules.max_writes else []
+        if not explicit:
+            notes.append("explicit mode without a prompt_cache_breakpoint: nothing cached")
+
+    digests = prefix_digests(prompt.tokens, lookups | set(writes_at))
+    best, best_key = 0, None
+    expired: _Entry | None = None
+    for position in sorted(lookups, reverse=True):
+        found = store.get(digests[position]) if position in digests else None
+        if found is None:
+            continue
+        if found.live(now):
+            best, best_key = position, digests[position]
+            break
+        if expired is None:
+            expired = found
+    if expired is not None and best_key is None and now is not None:
+        assert expired.last_used is not None and expired.ttl is not None
+        notes.append(_expired_note(now, expired.last_used, expired.ttl))
+
+    minimum = entry.min_tokens
+    candidates = sorted({position for position in writes_at if position > best})
+    if candidates and best == 0 and all(position < minimum for position in candidates):
+        notes.append(f"below the {minimum:,}-token minimum: nothing cached")
+    to_write = [position for position in candidates if position >= minimum]
+    written = (max(to_write) - best) if to_write else 0
+
+    def commit() -> None:
+        if best_key is not None:
+            store.touch(best_key, now)
+        for position in to_write:
+            store.write(digests[position], now, rules.ttl_seconds)
+
+    return Outcome(best, {"30m": written} if written else {}, tuple(notes), commit)
+
+
+# --------------------------------------------------------------------------- automatic prefixes
+
+
+def automatic_prefix(entry: ModelEntry, prompt: Prompt, store: SequenceStore, now: float | None) -> Outcome:
+    """OpenAI before GPT-5.6 and Gemini implicit caching: the longest common prefix, in steps, from a minimum.
+    """
+    rules = entry.rules
+    step, minimum = rules.interval, entry.min_tokens
+    live, _, dead, dead_entry = store.best(prompt.tokens, now)
+    cached = step * (live // step)
+    if cached < minimum:
+        cached = 0
+    notes: list[str] = []
+    if prompt.length < minimum:
+        notes.append(f"below the {minimum:,}-token minimum: nothing cached")
+    elif dead_entry is not None and step * (dead // step) > cached and step * (dead // step) >= minimum:
+        last_used, ttl = dead_entry.last_used, dead_entry.ttl
+        if now is not None and last_used is not None and ttl is not None:
+            notes.append(_expired_note(now, last_used, ttl))
+
+    def commit() -> None:
+        # Reuse refreshes what was reused: this prompt starts with exactly that prefix and is stored
+        # as used now, while the older prompt's unshared tail keeps its own age.
+        store.add(prompt.tokens, now, rules.ttl_seconds)
+
+    return Outcome(cached, {}, tuple(notes), commit)
+
+
+def no_caching(entry: ModelEntry) -> Outcome:
+    return Outcome(0, {}, (f"{entry.key} has no prompt caching",), _nothing)

@@ -1,0 +1,128 @@
+"""Replay a request log under one provider's caching rules: per request, what is read, written and paid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from harness.errors import UserError
+from harness.providers import cache
+from harness.providers.requests import ProviderRequest, ProviderUsage
+from harness.providers.table import ModelEntry, PriceTable, cost_of
+from harness.providers.tokens import Prompt, extended, is_append_only, layout
+
+# Families whose caches are separated by OpenAI's prompt_cache_key; the others share one cache
+# per organization / workspace / project, whatever the session.
+KEYED_FAMILIES = ("openai_breakpoints", "openai_prefix")
+
+
+def _outcome(
+    entry: ModelEntry,
+    prompt: Prompt,
+    request: ProviderRequest,
+    store: cache.DigestStore | cache.SequenceStore,
+) -> cache.Outcome:
+    family, now = entry.rules.family, request.timestamp
+    if family == "anthropic":
+        assert isinstance(store, cache.DigestStore)
+        return cache.anthropic(entry, prompt, request.top_level_cache_control, store, now)
+    if family == "openai_breakpoints":
+        assert isinstance(store, cache.DigestStore)
+        return cache.openai_breakpoints(entry, prompt, request.openai_cache_mode, store, now)
+    if family in ("openai_prefix", "gemini_implicit"):
+        assert isinstance(store, cache.SequenceStore)
+        return cache.automatic_prefix(entry, prompt, store, now)
+    return cache.no_caching(entry)
+
+
+def _new_store(entry: ModelEntry) -> cache.DigestStore | cache.SequenceStore:
+    if entry.rules.family in ("anthropic", "openai_breakpoints"):
+        return cache.DigestStore()
+    return cache.SequenceStore()
+
+
+def _cost(entry: ModelEntry, prompt: Prompt, outcome: cache.Outcome, output_tokens: int) -> float | None:
+    return cost_of(
+        entry,
+        prompt_tokens=prompt.length,
+        cached_tokens=outcome.cached,
+        writes=outcome.writes,
+        output_tokens=output_tokens,
+    )
+
+
+def simulate(
+    provider_model: str, requests: Sequence[ProviderRequest], table: PriceTable
+) -> list[ProviderUsage]:
+    """Each request's usage and cost under ``provider_model``'s rules, replayed in log order.
+
+    The cache state carries over from request to request as the provider keeps it: one cache per
+    ``prompt_cache_key`` for OpenAI, one shared cache for Anthropic (a workspace) and Gemini (a
+    project); sessions do not separate caches on these APIs. Timestamps, when present, expire
+    entries; a hit refreshes the entry it reads.
+
+    ``cost_if_extended_usd`` replays the request as if it had kept its reference's tokens
+    unchanged (append-only), against the same cache state; for a request that already extends its
+    reference, or has none, it equals ``cost_usd``.
+    """
+    entry = table.entry(provider_model)
+    if entry.rules.family == "engine":
+        raise UserError(
+            f"'{provider_model}' is a self-hosted engine: the explainer simulates it exactly with the "
+            "model's own tokenizer; simulate() covers the hosted providers"
+        )
+    prompts = [layout(entry, request.segments) for request in requests]
+    stores: dict[str | None, cache.DigestStore | cache.SequenceStore] = {}
+    usages: list[ProviderUsage] = []
+    for index, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
+        scope = request.prompt_cache_key if entry.rules.family in KEYED_FAMILIES else None
+        store = stores.setdefault(scope, _new_store(entry))
+        outcome = _outcome(entry, prompt, request, store)
+        cost = _cost(entry, prompt, outcome, request.output_tokens)
+        cost_if_extended = cost
+        if request.reference is not None:
+            if not 0 <= request.reference < index:
+                raise ValueError(f"request {index}: reference {request.reference} is not an earlier request")
+            reference = prompts[request.reference]
+            if not is_append_only(reference, prompt):
+                # Asked before commit(): the counterfactual meets the state the real request met.
+                alternative = extended(reference, prompt)
+                alternative = _within_breakpoint_limit(entry, alternative)
+                counterfactual = _outcome(entry, alternative, request, store)
+                cost_if_extended = _cost(entry, alternative, counterfactual, request.output_tokens)
+        outcome.commit()
+        usages.append(
+            ProviderUsage(
+                provider_model=entry.key,
+                prompt_tokens=prompt.length,
+                cached_tokens=outcome.cached,
+                cache_write_tokens=outcome.written,
+                output_tokens=request.output_tokens,
+                cost_usd=cost,
+                cost_if_extended_usd=cost_if_extended,
+                approximate=not entry.exact_tokens,
+                notes=outcome.notes,
+            )
+        )
+    return usages
+
+
+def _within_breakpoint_limit(entry: ModelEntry, prompt: Prompt) -> Prompt:
+    """Keep an append-only counterfactual legal under Anthropic's 4-breakpoint limit.
+
+    Its first part carries the reference's breakpoints and its tail this request's; together they
+    can exceed the limit where neither did. An agent extending append-only moves its rolling
+    breakpoint forward, so the first breakpoint (usually tools/system) and the latest ones stay.
+    """
+    if entry.rules.family != "anthropic":
+        return prompt
+    limit = entry.rules.max_breakpoints
+    marked = [index for index, block in enumerate(prompt.blocks) if block.cache_control is not None]
+    if len(marked) <= limit:
+        return prompt
+    keep = set(marked[:1] + marked[len(marked) - (limit - 1) :]) if limit > 0 else set()
+    blocks = tuple(
+        block if index in keep or block.cache_control is None else replace(block, cache_control=None)
+        for index, block in enumerate(prompt.blocks)
+    )
+    return Prompt(prompt.tokens, blocks)

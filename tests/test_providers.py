@@ -1,0 +1,461 @@
+"""Hosted providers' caching rules on hand-built logs: minimums, steps, breakpoints, lookback, TTLs, prices.
+
+Token counts are worked out by hand from two facts checked here against bpe-openai itself:
+" a" * n (and " b", " c", ...) is n tokens in o200k_base, and "system" / "user" / "assistant"
+are one token each. OpenAI prompts add the cookbook framing: 3 tokens + the role per message,
+3 tokens priming the reply. Anthropic and Gemini prompts are the text tokens alone.
+Prices are read from the shipped data file here, never from the module under test.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from harness.errors import UserError
+from harness.providers import (
+    DEFAULT_TABLE_PATH,
+    PriceTable,
+    ProviderRequest,
+    Segment,
+    count_tokens,
+    load_table,
+    price,
+    simulate,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # bpe-openai loads its tables the old way
+    import bpe_openai  # the tokenizer itself, to check the hand counts independently
+
+M = 1_000_000
+DATA = json.loads(DEFAULT_TABLE_PATH.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def table() -> PriceTable:
+    return load_table()
+
+
+def prices(key: str) -> dict[str, float]:
+    return DATA["models"][key]["price"]
+
+
+def words(letter: str, n: int) -> str:
+    """n tokens in o200k_base (checked in test_token_facts)."""
+    return f" {letter}" * n
+
+
+def request(
+    *segments: Segment,
+    index: int = 0,
+    timestamp: float | None = None,
+    reference: int | None = None,
+    key: str | None = None,
+    top_level: str | None = None,
+    output: int = 0,
+    mode: str | None = None,
+) -> ProviderRequest:
+    return ProviderRequest(
+        line=index + 1,
+        session_id=None,
+        timestamp=timestamp,
+        segments=segments,
+        model=None,
+        prompt_cache_key=key,
+        top_level_cache_control=top_level,
+        output_tokens=output,
+        reference=reference,
+        openai_cache_mode=mode,
+    )
+
+
+def tool(text: str, cache: str | None = None) -> Segment:
+    return Segment("tool", text, None, cache)
+
+
+def system(text: str, cache: str | None = None) -> Segment:
+    return Segment("system", text, None, cache)
+
+
+def msg(role: str, text: str, cache: str | None = None) -> Segment:
+    return Segment("message", text, role, cache)
+
+
+def test_token_facts() -> None:
+    enc = bpe_openai.get_encoding("o200k_base")
+    for letter in "abcdefg":
+        assert len(enc.encode(words(letter, 1300))) == 1300
+    for role in ("system", "user", "assistant"):
+        assert len(enc.encode(role)) == 1
+    assert enc.encode(" a") != enc.encode(" b") != enc.encode(" c")
+
+
+# --------------------------------------------------------------------------- OpenAI before GPT-5.6
+
+
+@pytest.mark.parametrize(("text_tokens", "expected_cached"), [(1020, 0), (1021, 1024)])
+def test_openai_minimum_1023_vs_1024(table: PriceTable, text_tokens: int, expected_cached: int) -> None:
+    # A tool definition (no message framing) + 3 priming tokens: 1,023 or 1,024 prompt tokens.
+    same = request(tool(words("a", text_tokens)))
+    first, second = simulate("openai:gpt-4.1", [same, same], table)
+    assert first.prompt_tokens == second.prompt_tokens == text_tokens + 3
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == expected_cached
+    assert second.cache_write_tokens == 0  # writes are free and unreported before GPT-5.6
+    if expected_cached == 0:
+        assert "below the 1,024-token minimum: nothing cached" in second.notes
+    assert not second.approximate
+
+
+@pytest.mark.parametrize(("shared", "expected_cached"), [(1300, 1280), (1279, 1152), (1023, 0), (1024, 1024)])
+def test_openai_128_token_increments(table: PriceTable, shared: int, expected_cached: int) -> None:
+    first = request(tool(words("a", shared)), tool(words("b", 200)))
+    second = request(tool(words("a", shared)), tool(words("c", 200)))
+    usage = simulate("openai:gpt-4.1", [first, second], table)[1]
+    assert usage.prompt_tokens == shared + 200 + 3
+    assert usage.cached_tokens == expected_cached
+
+
+def test_openai_message_framing_follows_the_cookbook(table: PriceTable) -> None:
+    prompt = request(system(words("a", 10)), msg("user", words("b", 5)))
+    usage = simulate("openai:gpt-4.1", [prompt], table)[0]
+    assert usage.prompt_tokens == (3 + 1 + 10) + (3 + 1 + 5) + 3
+
+
+def test_openai_prompt_cache_key_separates_caches(table: PriceTable) -> None:
+    prompt = (tool(words("a", 1500)),)
+    usages = simulate(
+        "openai:gpt-4.1",
+        [request(*prompt, key="alice"), request(*prompt, key="bob"), request(*prompt, key="alice")],
+        table,
+    )
+    assert [u.cached_tokens for u in usages] == [0, 0, 1408]  # 1,503 rounded down to 128s
+
+
+def test_openai_prefix_expiry_falls_back_to_a_shorter_live_prefix(table: PriceTable) -> None:
+    full = request(tool(words("a", 1500)), timestamp=0)
+    shorter = request(tool(words("a", 1200)), tool(words("c", 300)), timestamp=1000)
+    again = request(tool(words("a", 1500)), tool(words("d", 10)), timestamp=2000)
+    usages = simulate("openai:gpt-4.1", [full, shorter, again], table)
+    assert [u.cached_tokens for u in usages] == [0, 1152, 1152]  # 1,200 shared -> 9 x 128
+    # The full 1,500-token prefix was last used 2,000 s earlier: past its 30 minutes.
+    assert "expired: 33.3 min since last use (TTL 30 min)" in usages[2].notes
+
+
+def test_openai_gpt_5_5_steps_of_2048(table: PriceTable) -> None:
+    same = request(tool(words("a", 4200)))
+    assert simulate("openai:gpt-5.5", [same, same], table)[1].cached_tokens == 4096
+
+
+# --------------------------------------------------------------------------- OpenAI GPT-5.6+
+
+
+def test_openai_breakpoints_implicit_and_explicit(table: PriceTable) -> None:
+    p = prices("openai:gpt-6.2-sol")
+    # developer message: 3 + 1 + 1030 = 1,034; user message: 3 + 1 + 30 -> ends at 1,068; L = 1,071.
+    stable = system(words("a", 1030), cache="5m")  # an explicit breakpoint at 1,034
+    first = request(stable, msg("user", words("b", 30)), output=10)
+    again = request(stable, msg("user", words("b", 30)))
+    other = request(stable, msg("user", words("c", 30)))
+    u1, u2, u3 = simulate("openai:gpt-6.2-sol", [first, again, other], table)
+    assert (u1.prompt_tokens, u1.cached_tokens, u1.cache_write_tokens) == (1071, 0, 1068)
+    assert u1.cost_usd == pytest.approx((1068 * p["cache_write"] + 3 * p["input"] + 10 * p["output"]) / M)
+    assert (u2.cached_tokens, u2.cache_write_tokens) == (1068, 0)
+    # A new user message: the explicit breakpoint after the stable part is the hit.
+    assert (u3.cached_tokens, u3.cache_write_tokens) == (1034, 34)
+    assert u3.cost_usd == pytest.approx((1034 * p["cache_read"] + 34 * p["cache_write"] + 3 * p["input"]) / M)
+
+
+def test_openai_breakpoints_shared_prefix_is_not_a_cached_prefix(table: PriceTable) -> None:
+    # Without an explicit breakpoint only the end of the user message is written, so a request
+    # with another user message finds no entry at the end of the (unwritten) developer block.
+    first = request(system(words("a", 1030)), msg("user", words("b", 30)))
+    other = request(system(words("a", 1030)), msg("user", words("c", 30)))
+    assert simulate("openai:gpt-6.2-sol", [first, other], table)[1].cached_tokens == 0
+
+
+def test_openai_breakpoints_minimum_and_lifetime(table: PriceTable) -> None:
+    short = request(msg("user", words("a", 1019)))  # message ends at 3 + 1 + 1019 = 1,023
+    u = simulate("openai:gpt-6.2-sol", [short, short], table)
+    assert [x.cache_write_tokens for x in u] == [0, 0] and u[1].cached_tokens == 0
+    assert "below the 1,024-token minimum: nothing cached" in u[1].notes
+    long = (msg("user", words("a", 1020)),)  # ends at 1,024
+    u = simulate(
+        "openai:gpt-6.2-sol",
+        [request(*long, timestamp=0), request(*long, timestamp=1800), request(*long, timestamp=3601)],
+        table,
+    )
+    assert [x.cached_tokens for x in u] == [0, 1024, 0]  # 30 min after the read at 1,800 s, plus 1 s
+    assert "expired: 30 min since last use (TTL 30 min)" in u[2].notes
+
+
+# --------------------------------------------------------------------------- Anthropic
+
+
+@pytest.mark.parametrize(("cached_part", "cached"), [(1023, 0), (1024, 1024)])
+def test_anthropic_below_and_at_minimum(table: PriceTable, cached_part: int, cached: int) -> None:
+    same = request(system(words("a", cached_part), cache="5m"), msg("user", words("q", 10)))
+    first, second = simulate("anthropic:claude-sonnet-4-5", [same, same], table)
+    assert first.prompt_tokens == cached_part + 10
+    assert first.cache_write_tokens == cached
+    assert second.cached_tokens == cached
+    assert first.approximate and second.approximate
+    if not cached:
+        assert "below the 1,024-token minimum: nothing cached" in first.notes
+
+
+def test_anthropic_minimum_is_per_model(table: PriceTable) -> None:
+    same = request(system(words("a", 4095), cache="5m"))
+    assert simulate("anthropic:claude-haiku-4-5", [same, same], table)[1].cached_tokens == 0
+    assert simulate("anthropic:claude-opus-5-5", [same, same], table)[1].cached_tokens == 4095
+
+
+def test_anthropic_fifth_breakpoint_is_flagged(table: PriceTable) -> None:
+    five = request(*(system(words(letter, 300), cache="5m") for letter in "abcde"))
+    usage = simulate("anthropic:claude-sonnet-4-5", [five], table)[0]
+    assert "5 breakpoints: the API refuses more than 4 (simulated with the first 4)" in usage.notes
+    marked = (system(words(letter, 300), cache="5m") for letter in "abcd")
+    four = request(*marked, system("e"), top_level="5m")
+    notes = simulate("anthropic:claude-sonnet-4-5", [four], table)[0].notes
+    assert any("no slot for the top-level cache_control" in note for note in notes)
+
+
+def _turn(blocks: int) -> ProviderRequest:
+    # Block k (1-based) is 110 tokens; the breakpoint sits on the last block.
+    segments = [
+        msg("user" if k % 2 else "assistant", words("abcdefg"[k % 7], 110)) for k in range(1, blocks + 1)
+    ]
+    segments[-1] = Segment("message", segments[-1].text, segments[-1].role, "5m")
+    return request(*segments)
+
+
+def test_anthropic_20_block_lookback(table: PriceTable) -> None:
+    # Turn 1 writes at block 10 (1,100 tokens). Block 29 looks back over blocks 29..10: a hit.
+    hit = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(29)], table)[1]
+    assert (hit.cached_tokens, hit.cache_write_tokens) == (1100, 29 * 110 - 1100)
+    # Block 30 looks back over 30..11: block 10 is the 21st position, outside the window.
+    miss = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(30)], table)[1]
+    assert (miss.cached_tokens, miss.cache_write_tokens) == (0, 3300)
+
+
+def test_anthropic_lookback_finds_only_what_was_written(table: PriceTable) -> None:
+    # The breakpoint on the changing block: every request writes, none reads.
+    first = request(system(words("a", 2000)), msg("user", words("b", 10), cache="5m"))
+    second = request(system(words("a", 2000)), msg("user", words("c", 10), cache="5m"))
+    u = simulate("anthropic:claude-sonnet-4-5", [first, second], table)
+    assert [(x.cached_tokens, x.cache_write_tokens) for x in u] == [(0, 2010), (0, 2010)]
+
+
+def test_anthropic_ttl_expiry_and_refresh(table: PriceTable) -> None:
+    same = (system(words("a", 1200), cache="5m"), msg("user", words("q", 5)))
+    expired = simulate(
+        "anthropic:claude-sonnet-4-5", [request(*same, timestamp=0), request(*same, timestamp=360)], table
+    )[1]
+    assert expired.cached_tokens == 0 and expired.cache_write_tokens == 1200
+    assert "expired: 6 min since last use (TTL 5 min)" in expired.notes
+    # A hit at 4 min refreshes the entry: 8 min after the write it is still there.
+    refreshed = simulate(
+        "anthropic:claude-sonnet-4-5",
+        [request(*same, timestamp=0), request(*same, timestamp=240), request(*same, timestamp=480)],
+        table,
+    )
+    assert [u.cached_tokens for u in refreshed] == [0, 1200, 1200]
+
+
+def test_anthropic_one_hour_ttl(table: PriceTable) -> None:
+    same = (system(words("a", 1200), cache="1h"),)
+    u = simulate(
+        "anthropic:claude-sonnet-4-5", [request(*same, timestamp=0), request(*same, timestamp=3000)], table
+    )
+    assert u[1].cached_tokens == 1200
+
+
+def test_anthropic_cache_multipliers_in_the_data_file() -> None:
+    # The documented multipliers, checked on every Anthropic model's published prices.
+    cheaper_reads = {"anthropic:claude-opus-5-5": 0.05, "anthropic:claude-sonnet-5-5": 0.05,
+                     "anthropic:claude-fable-5-1": 0.025}
+    for key, model in DATA["models"].items():
+        if not key.startswith("anthropic:"):
+            continue
+        p = model["price"]
+        assert p["cache_write"] == pytest.approx(1.25 * p["input"]), key
+        assert p["cache_write_1h"] == pytest.approx(2 * p["input"]), key
+        assert p["cache_read"] == pytest.approx(cheaper_reads.get(key, 0.1) * p["input"]), key
+
+
+def test_anthropic_costs_match_the_data_file(table: PriceTable) -> None:
+    p = prices("anthropic:claude-sonnet-4-5")
+    five = request(system(words("a", 1200), cache="5m"), msg("user", words("q", 50)), output=100)
+    hour = request(system(words("b", 1200), cache="1h"), msg("user", words("q", 50)), output=100)
+    w5, r5, w1h = simulate("anthropic:claude-sonnet-4-5", [five, five, hour], table)
+    rest = 50 * p["input"] + 100 * p["output"]
+    assert w5.cost_usd == pytest.approx((1200 * p["cache_write"] + rest) / M)
+    assert r5.cost_usd == pytest.approx((1200 * p["cache_read"] + rest) / M)
+    assert w1h.cost_usd == pytest.approx((1200 * p["cache_write_1h"] + rest) / M)
+    assert price(
+        "anthropic:claude-sonnet-4-5", table, prompt_tokens=1250, cached_tokens=0, cache_write_tokens=1200,
+        output_tokens=100, write_ttl="1h",
+    ) == pytest.approx(w1h.cost_usd)
+
+
+def test_anthropic_mixed_ttls_bill_a_b_c(table: PriceTable) -> None:
+    p = prices("anthropic:claude-sonnet-4-5")
+    mixed = request(system(words("a", 1200), cache="1h"), msg("user", words("b", 300), cache="5m"))
+    usage = simulate("anthropic:claude-sonnet-4-5", [mixed], table)[0]
+    assert usage.cache_write_tokens == 1500
+    assert usage.cost_usd == pytest.approx((1200 * p["cache_write_1h"] + 300 * p["cache_write"]) / M)
+    backwards = request(system(words("a", 1200), cache="5m"), msg("user", words("b", 300), cache="1h"))
+    notes = simulate("anthropic:claude-sonnet-4-5", [backwards], table)[0].notes
+    assert "a 1h breakpoint after a 5m one: the API wants longer TTLs first" in notes
+
+
+def test_anthropic_top_level_caching_moves_with_the_conversation(table: PriceTable) -> None:
+    turn1 = request(system(words("a", 1100)), msg("user", words("b", 20)), top_level="5m")
+    turn2 = request(
+        system(words("a", 1100)), msg("user", words("b", 20)), msg("assistant", words("c", 20)),
+        msg("user", words("d", 20)), top_level="5m",
+    )
+    u1, u2 = simulate("anthropic:claude-sonnet-4-5", [turn1, turn2], table)
+    assert (u1.cached_tokens, u1.cache_write_tokens) == (0, 1120)
+    assert (u2.cached_tokens, u2.cache_write_tokens) == (1120, 40)
+
+
+# --------------------------------------------------------------------------- Gemini
+
+
+@pytest.mark.parametrize(("tokens", "cached"), [(2047, 0), (2048, 2048)])
+def test_gemini_minimum(table: PriceTable, tokens: int, cached: int) -> None:
+    same = request(msg("user", words("a", tokens)))
+    usage = simulate("gemini:gemini-2.5-flash", [same, same], table)[1]
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (tokens, cached, 0)
+    assert usage.approximate
+    p = prices("gemini:gemini-2.5-flash")
+    assert usage.cost_usd == pytest.approx((cached * p["cache_read"] + (tokens - cached) * p["input"]) / M)
+
+
+# --------------------------------------------------------------------------- cost_if_extended
+
+
+def test_cost_if_extended_break_vs_extension(table: PriceTable) -> None:
+    p = prices("anthropic:claude-sonnet-4-5")
+    stable = system(words("a", 1100), cache="5m")
+    first = request(stable, msg("user", words("b", 50)))
+    extends = request(
+        stable, msg("user", words("b", 50)), msg("assistant", words("c", 20)), msg("user", words("d", 30)),
+        index=1, reference=0,
+    )
+    # The first token of the system prompt changed (a timestamp, say): the cache is lost.
+    timestamped = system(words("e", 1) + words("a", 1099), cache="5m")
+    broken = request(timestamped, msg("user", words("b", 50)), index=2, reference=0)
+    u0, u1, u2 = simulate("anthropic:claude-sonnet-4-5", [first, extends, broken], table)
+    assert u0.cost_if_extended_usd == u0.cost_usd  # no reference: nothing to compare with
+    assert u1.cost_usd == pytest.approx((1100 * p["cache_read"] + 100 * p["input"]) / M)
+    assert u1.cost_if_extended_usd == u1.cost_usd
+    assert u2.cost_usd == pytest.approx((1100 * p["cache_write"] + 50 * p["input"]) / M)
+    assert u2.cost_if_extended_usd == pytest.approx((1100 * p["cache_read"] + 50 * p["input"]) / M)
+
+
+def test_cost_if_extended_openai_prefix(table: PriceTable) -> None:
+    p = prices("openai:gpt-4.1")
+    first = request(tool(words("a", 1500)))
+    broken = request(tool(words("b", 1) + words("a", 1499)), index=1, reference=0)
+    u = simulate("openai:gpt-4.1", [first, broken], table)[1]
+    assert u.cost_usd == pytest.approx(1503 * p["input"] / M)
+    assert u.cost_if_extended_usd == pytest.approx((1408 * p["cache_read"] + 95 * p["input"]) / M)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_every_entry_names_its_source_and_date() -> None:
+    for section in ("models", "rule_sets"):
+        for name, entry in DATA[section].items():
+            assert entry["source"].startswith("https://"), name
+            assert entry["read"].startswith("2026-11-28"), name
+
+
+def test_prices_override_and_extend(table: PriceTable, tmp_path: Path) -> None:
+    assert price("vllm:Qwen/Qwen2.5-7B", table, prompt_tokens=1000, cached_tokens=600) is None
+    user = tmp_path / "prices.json"
+    user.write_text(json.dumps({"models": {
+        "vllm:*": {"price": {"input": 0.5, "cache_read": 0.05, "output": 2.0}},
+        "anthropic:claude-sonnet-4-5": {"price": {"input": 1.0, "cache_write": 1.25, "cache_read": 0.1}},
+        "openai:my-model": {
+            "rules": "openai-pre-5.6", "price": {"input": 4.0, "cache_read": 1.0, "output": 8.0}
+        },
+    }}))
+    mine = load_table(user)
+    assert price("vllm:Qwen/Qwen2.5-7B", mine, prompt_tokens=1000, cached_tokens=600, output_tokens=10) == (
+        pytest.approx((400 * 0.5 + 600 * 0.05 + 10 * 2.0) / M)
+    )
+    assert price("sglang:any", mine, prompt_tokens=10, cached_tokens=0) is None  # not overridden
+    overridden = price("anthropic:claude-sonnet-4-5", mine, prompt_tokens=100, cached_tokens=0)
+    assert overridden == pytest.approx(100 * 1.0 / M)
+    # The shipped fields the user left out stay: the minimum still applies.
+    assert mine.entry("anthropic:claude-sonnet-4-5").min_tokens == 1024
+    same = request(tool(words("a", 1500)))
+    assert simulate("openai:my-model", [same, same], mine)[1].cached_tokens == 1408
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"models": {"x:y": {"rules": "no-such-rules"}}}', "models.x:y.rules names no rule set"),
+        ('{"models": {"vllm:*": {"price": {"input": -1}}}}', "vllm:*.price.input must be a number >= 0"),
+        ('{"models": {"vllm:*": {"price": {"inptu": 1}}}}', "vllm:*.price.inptu is not a price field"),
+        ('{"models": {"novendor": {"rules": "anthropic"}}}', "novendor must be named 'provider:model'"),
+        ('{"pricing": {}}', "unknown top-level key 'pricing'"),
+        ('{"rule_sets": {"anthropic": {"family": "magic"}}}', "rule_sets.anthropic.family must be one of"),
+    ],
+)
+def test_bad_prices_file_is_one_line_user_error(tmp_path: Path, content: str, message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(UserError) as caught:
+        load_table(bad)
+    text = str(caught.value)
+    assert message in text and str(bad) in text and "\n" not in text
+
+
+def test_missing_prices_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such prices file"):
+        load_table(tmp_path / "nope.json")
+
+
+def test_unknown_provider_model(table: PriceTable) -> None:
+    with pytest.raises(UserError, match=r"unknown provider/model 'x:y'; known: anthropic:claude-fable-5-1, "):
+        simulate("x:y", [], table)
+    with pytest.raises(UserError, match="expected 'provider:model'"):
+        price("gpt-4.1", table, prompt_tokens=1, cached_tokens=0)
+
+
+def test_engines_are_left_to_the_explainer(table: PriceTable) -> None:
+    with pytest.raises(UserError, match="self-hosted engine"):
+        simulate("vllm:Qwen/Qwen2.5-7B", [request(tool("x"))], table)
+
+
+def test_count_tokens_exact_for_openai_approximate_elsewhere(table: PriceTable) -> None:
+    assert count_tokens("openai:gpt-6.2-sol", "Hello world", table) == (2, False)
+    cl100k = len(bpe_openai.get_encoding("cl100k_base").encode(words("a", 100) + "!?"))
+    assert count_tokens("openai:gpt-4", words("a", 100) + "!?", table) == (cl100k, False)
+    assert count_tokens("anthropic:claude-opus-5-5", "Hello world", table) == (2, True)
+
+
+def test_long_context_rates_apply_above_the_threshold(table: PriceTable) -> None:
+    short = price("anthropic:claude-haiku-5-5", table, prompt_tokens=100_000, cached_tokens=0)
+    long = price("anthropic:claude-haiku-5-5", table, prompt_tokens=100_001, cached_tokens=0)
+    data = DATA["models"]["anthropic:claude-haiku-5-5"]
+    assert short == pytest.approx(100_000 * data["price"]["input"] / M)
+    assert long == pytest.approx(100_001 * data["long_context"]["input"] / M)
+
+
+def test_missing_price_gives_none(table: PriceTable) -> None:
+    # Gemini 3.1 Pro has no cached-token price in the table: a request that reads the cache has no cost.
+    assert price("gemini:gemini-3.1-pro-preview", table, prompt_tokens=5000, cached_tokens=0) is not None
+    assert price("gemini:gemini-3.1-pro-preview", table, prompt_tokens=5000, cached_tokens=4096) is None

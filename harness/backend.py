@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from harness.engine import EngineOptions, build_llm, vllm_version
-from harness.errors import UserError
+from harness.errors import UserError, first_line
+from harness.metrics import metric_label, parse_prometheus
 
 Message = dict[str, str]
 
@@ -111,8 +112,7 @@ class ChatTokenizer:
         try:
             self._tok = AutoTokenizer.from_pretrained(model)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"could not load the tokenizer of {model}: {first}") from exc
+            raise UserError(f"could not load the tokenizer of {model}: {first_line(exc)}") from exc
         if not getattr(self._tok, "chat_template", None):
             raise UserError(f"model {model} has no chat template: use an instruct/chat model")
 
@@ -271,7 +271,7 @@ class OfflineBackend:
         gc.collect()
 
 
-def _http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     data = json.dumps(payload).encode() if payload is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -287,34 +287,7 @@ def _server_message(exc: urllib.error.HTTPError) -> str:
         message = body.get("error", {}).get("message") or body.get("message") or str(body)
     except Exception:
         message = exc.reason
-    return str(message).strip().splitlines()[0] if str(message).strip() else str(exc.reason)
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum each metric over its label sets (one server, possibly several engines)."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_and_labels, _, value = line.rpartition(" ")
-        name = name_and_labels.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return totals
-
-
-def metric_label(text: str, metric: str, label: str) -> str | None:
-    """The value of ``label`` on the first sample of ``metric`` (for the *_info gauges)."""
-    for line in text.splitlines():
-        if line.startswith(metric + "{"):
-            labels = line[len(metric) + 1 : line.index("}")]
-            for part in labels.split('",'):
-                key, _, value = part.partition("=")
-                if key.strip() == label:
-                    return value.strip().strip('"')
-    return None
+    return first_line(str(message), str(exc.reason))
 
 
 def streaming_chat_request(
@@ -351,7 +324,7 @@ class ServerBackend:
     def __init__(self, endpoint: str, model: str | None = None, block_size: int | None = None) -> None:
         self.base = endpoint.rstrip("/").removesuffix("/v1")
         try:
-            models = _http_json(self.base + "/v1/models", timeout=10)
+            models = http_json(self.base + "/v1/models", timeout=10)
         except UserError:
             raise
         except Exception as exc:
@@ -372,7 +345,7 @@ class ServerBackend:
         if caching == "False":
             raise UserError(f"the server at {endpoint} runs without --enable-prefix-caching")
         try:
-            version = str(_http_json(self.base + "/version", timeout=10).get("version", "unknown"))
+            version = str(http_json(self.base + "/version", timeout=10).get("version", "unknown"))
         except Exception:
             version = "unknown"
         self.info = EngineInfo("vllm-server", self.model, "remote", self.block_size, version, self.base)
@@ -391,11 +364,11 @@ class ServerBackend:
 
     def render(self, messages: Sequence[Message]) -> list[int]:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
-        return [int(t) for t in _http_json(self.base + "/tokenize", body)["tokens"]]
+        return [int(t) for t in http_json(self.base + "/tokenize", body)["tokens"]]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         body = {"model": self.model, "tokens": list(token_ids)}
-        return str(_http_json(self.base + "/detokenize", body)["prompt"])
+        return str(http_json(self.base + "/detokenize", body)["prompt"])
 
     def start_variant(self) -> None:
         # A server's cache cannot be reset from outside (outside its dev mode); a new salt

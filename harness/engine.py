@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 
 CPU_DEFAULT_BLOCK_SIZE = 32
 CPU_DEFAULT_KV_CACHE_GIB = 2.0
@@ -185,8 +185,7 @@ def build_llm(opts: EngineOptions) -> Any:
     try:
         return LLM(**kwargs)
     except Exception as exc:  # vLLM raises many kinds; the user needs the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not start vLLM on {opts.model}: {first}") from exc
+        raise UserError(f"could not start vLLM on {opts.model}: {first_line(exc)}") from exc
 
 
 def vllm_version() -> str:

@@ -55,7 +55,7 @@ import torch
 
 from harness.backend import Message, Reply
 from harness.engine import cpu_threads
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.prefix import Divergence, explain_divergence
 
 CACHE_MARKER = "// __CACHE_END__"
@@ -357,8 +357,7 @@ class ManualCacheEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"could not load {model_path} with transformers: {first}") from exc
+            raise UserError(f"could not load {model_path} with transformers: {first_line(exc)}") from exc
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"model {model_path} has no chat template: use an instruct/chat model")
         self.model = model.to("cpu").eval()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.explain.formats import ANTHROPIC, OPENAI, ChatRequest, LoggedResponse
 
 
@@ -63,11 +63,6 @@ class ReplyTokens:
 
     token_ids: list[int]  # as generated: the last one (end of turn) is never cached
     source: str  # "token_ids" (exact, from the response) | "rendered" (as the template renders it)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class ChatRenderer:
@@ -104,7 +99,7 @@ class ChatRenderer:
         try:
             self.model_config = ModelConfig(model=model)
         except Exception as exc:
-            raise UserError(f"could not load the model config of {model}: {_first_line(exc)}") from exc
+            raise UserError(f"could not load the model config of {model}: {first_line(exc)}") from exc
         # The server refuses a prompt longer than the model's context; the analysis renders it
         # anyway (the log may come from a longer-context deployment) and says so per request.
         self.max_model_len = int(self.model_config.max_model_len)
@@ -191,7 +186,7 @@ class ChatRenderer:
         try:
             result = self._loop.run_until_complete(self._online.render_chat(chat))
         except Exception as exc:  # the template itself may refuse (e.g. an unknown role)
-            problem = f"the chat template refused the messages: {_first_line(exc)}"
+            problem = f"the chat template refused the messages: {first_line(exc)}"
             raise UserError(f"line {request.line}: {problem}") from exc
         if not isinstance(result, tuple):  # vLLM's ErrorResponse
             message = getattr(getattr(result, "error", None), "message", None) or str(result)
@@ -316,7 +311,7 @@ def _validation_message(exc: Exception) -> str:
             return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
         except Exception:
             pass
-    return _first_line(exc)
+    return first_line(exc)
 
 
 def tools_digest(tools: list[dict[str, Any]] | None) -> list[tuple[str, str]]:

@@ -19,14 +19,12 @@ length there means a different rendering, and is flagged.
 
 from __future__ import annotations
 
-import json
 import secrets
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from harness.backend import http_json
 from harness.errors import UserError
 from harness.explain.analyze import SESSION, RequestExplanation
 from harness.explain.formats import ANTHROPIC, ChatRequest
@@ -132,22 +130,10 @@ class EngineReplay:
         self.backend.generate_tokens(token_ids, max_tokens=1, cache_salt=salt)
 
 
-def _post(url: str, payload: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
-    data = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return dict(json.loads(resp.read().decode()))
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read().decode())
-            message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else None
-            message = message or body.get("message") or body.get("detail") or str(body)
-        except Exception:
-            message = exc.reason
-        first = str(message).strip().splitlines()[0] if str(message).strip() else str(exc.reason)
-        raise UserError(f"{url} answered HTTP {exc.code}: {first}") from None
-    except OSError as exc:
+        return dict(http_json(url, payload, timeout=600.0))
+    except OSError as exc:  # HTTP errors are UserErrors already; this is a lost connection
         raise UserError(f"lost the connection to {url}: {getattr(exc, 'reason', exc)}") from None
 
 

@@ -45,14 +45,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.backend import Backend, Message
-from harness.cli import exit_with, lesson_main, run_variants_with_progress
+from harness.cli import exit_with, lesson_main
+from harness.console import console
 from harness.errors import UserError
 from harness.explain import detect_hint
 from harness.explain.render import ChatRenderer
-from harness.measure import VariantResult
+from harness.measure import VariantResult, run_variants
 from harness.model import resolve_model
 from harness.prefix import cached_tokens_for, common_prefix_len
-from harness.report import ExampleResult, console, divergence_panel
+from harness.report import ExampleResult, divergence_panel
 from harness.scenario import TASK, TRACE, SimulatedClock, Step, action_text, observation_text, system_prompt
 
 EXAMPLE = "append_only_vs_inplace_edit"
@@ -422,7 +423,7 @@ def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
             "the local tokenizer renders these prompts differently from the engine: "
             "pass --model naming the model the server runs"
         )
-    wrong, right = run_variants_with_progress(
+    wrong, right = run_variants(
         backend,
         [
             ("wrong", "state JSON right after the system prompt, edited in place every step", wrong_requests),
@@ -491,7 +492,7 @@ def trap_table(trap: dict[str, Any]) -> Table:
     return table
 
 
-def explain(result: ExampleResult) -> None:
+def show_details(result: ExampleResult) -> None:
     """Per step, where each variant left the cache; then the key-order trap on its own."""
     for name in ("wrong", "right"):
         console.print(steps_table(result.variant(name)))
@@ -515,7 +516,9 @@ def explain(result: ExampleResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # steps_from checks the flags first: bad input fails before the engine starts.
-    return lesson_main(argv, __doc__, add_lesson_args, steps_from, run, explain)
+    return lesson_main(
+        argv, __doc__, add_args=add_lesson_args, check_args=steps_from, run=run, show_details=show_details
+    )
 
 
 if __name__ == "__main__":

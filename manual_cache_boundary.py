@@ -58,13 +58,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from harness.backend import Backend, Message
-from harness.cli import exit_with, lesson_main, run_variants_with_progress
+from harness.cli import exit_with, lesson_main
+from harness.console import console
 from harness.errors import UserError
 from harness.manual_cache import CACHE_MARKER, ManualCacheEngine, ManualReply, strip_marker
-from harness.measure import RequestRecord, VariantResult
+from harness.measure import RequestRecord, VariantResult, run_variants
 from harness.model import resolve_model
 from harness.prefix import cached_tokens_for, common_prefix_len, explain_divergence
-from harness.report import ExampleResult, console, divergence_panel
+from harness.report import ExampleResult, divergence_panel
 from harness.scenario import SimulatedClock, system_prompt
 
 EXAMPLE = "manual_cache_boundary"
@@ -291,7 +292,7 @@ LABELS = {
 
 def measure_no_caching(backend: Backend, requests: RequestSet, marker: str, max_tokens: int) -> VariantResult:
     """WRONG: every request on the vLLM engine with prefix-cache reads switched off."""
-    (measured,) = run_variants_with_progress(
+    (measured,) = run_variants(
         backend, [("wrong", LABELS["wrong"], requests.stripped(marker))], max_tokens, read_cache=False
     )
     label_kinds(measured.requests, requests.kinds)
@@ -511,7 +512,7 @@ def run(
     aligned_set = build_requests(
         settings.questions, args.quick, settings.marker, settings.misuse, padding=padding, prewarm=True
     )
-    apc, aligned = run_variants_with_progress(
+    apc, aligned = run_variants(
         backend,
         [
             ("apc", LABELS["apc"], plain.stripped(settings.marker)),
@@ -586,7 +587,7 @@ def overview_table(result: ExampleResult) -> Table:
     return table
 
 
-def explain(result: ExampleResult) -> None:
+def show_details(result: ExampleResult) -> None:
     """The four engines side by side, then exactness, the marker vs APC's blocks, memory, misuse."""
     e = result.extra
     console.print(overview_table(result))
@@ -654,7 +655,15 @@ def explain(result: ExampleResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # settings_from checks the flags first: bad input fails before the engine starts.
-    return lesson_main(argv, __doc__, add_lesson_args, settings_from, run, explain, TABLE_COLUMNS)
+    return lesson_main(
+        argv,
+        __doc__,
+        add_args=add_lesson_args,
+        check_args=settings_from,
+        run=run,
+        show_details=show_details,
+        table_columns=TABLE_COLUMNS,
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ from rich.table import Table
 
 from harness.backend import Backend
 from harness.cli import add_common_args, exit_with, open_backend
+from harness.console import console, err_console
 from harness.engine import machine_summary
 from harness.errors import UserError
-from harness.report import ExampleResult, check_json_target, console, err_console, show, write_json
+from harness.report import ExampleResult, check_json_target, show, write_json
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,13 @@ class Lesson:
     number: int
     module: str
     title: str
-    issue: int  # where its work is tracked while it is not built yet
 
 
 LESSONS = [
-    Lesson(
-        1, "stable_prefix_vs_timestamp", "a timestamp at the top of the system prompt vs a stable prefix", 2
-    ),
-    Lesson(2, "append_only_vs_inplace_edit", "JSON state edited in place vs an append-only log", 3),
-    Lesson(3, "manual_cache_boundary", "an explicit cache breakpoint without automatic caching", 4),
-    Lesson(4, "session_consistency", "session-sticky routing vs round robin across workers", 5),
+    Lesson(1, "stable_prefix_vs_timestamp", "a timestamp at the top of the system prompt vs a stable prefix"),
+    Lesson(2, "append_only_vs_inplace_edit", "JSON state edited in place vs an append-only log"),
+    Lesson(3, "manual_cache_boundary", "an explicit cache breakpoint without automatic caching"),
+    Lesson(4, "session_consistency", "session-sticky routing vs round robin across workers"),
 ]
 BY_NUMBER = {lesson.number: lesson for lesson in LESSONS}
 
@@ -70,14 +68,8 @@ def select(numbers: list[str]) -> list[Lesson]:
     return chosen
 
 
-def load(lesson: Lesson) -> ModuleType | None:
-    """The lesson's module, or None while it is not built yet."""
-    try:
-        return importlib.import_module(lesson.module)
-    except ModuleNotFoundError as exc:
-        if exc.name == lesson.module:
-            return None
-        raise
+def load(lesson: Lesson) -> ModuleType:
+    return importlib.import_module(lesson.module)
 
 
 def lesson_args(module: ModuleType, shared: argparse.Namespace) -> argparse.Namespace:
@@ -94,13 +86,13 @@ def lesson_args(module: ModuleType, shared: argparse.Namespace) -> argparse.Name
 @dataclass
 class Outcome:
     lesson: Lesson
-    status: str  # ok | failed | not yet
+    status: str  # ok | failed
     wall_s: float
     result: ExampleResult | None = None
     error: str = ""
 
 
-def own_engines(module: ModuleType | None) -> bool:
+def own_engines(module: ModuleType) -> bool:
     """Lessons that start their own engines (lesson 4's workers) do not use the shared one."""
     return bool(getattr(module, "OWN_ENGINES", False))
 
@@ -118,8 +110,8 @@ def run_lesson(
         err_console.print(traceback.format_exc())
         return Outcome(lesson, "failed", time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
     show(result, extra_columns=getattr(module, "TABLE_COLUMNS", ()))
-    if hasattr(module, "explain"):
-        module.explain(result)
+    if hasattr(module, "show_details"):
+        module.show_details(result)
     return Outcome(lesson, "ok", time.perf_counter() - start, result)
 
 
@@ -138,8 +130,6 @@ def summary_table(outcomes: list[Outcome]) -> Table:
                 f"{c['ttft_speedup_median']:.1f}x",
                 "[green]exact[/]" if c["prediction_matches"] else "[red]mismatch[/]",
             ]
-        elif o.status == "not yet":
-            row += [f"[yellow]not yet[/] (issue #{o.lesson.issue})", "", "", "", ""]
         else:
             row += [f"[red]failed[/]: {o.error}", "", "", "", ""]
         row.append(f"{o.wall_s:.0f}")
@@ -214,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select(args.lessons)
     if args.list:
         for lesson in LESSONS:
-            state = "" if load(lesson) is not None else f"  [not yet: issue #{lesson.issue}]"
-            console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}{state}")
+            console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}")
         return 0
     json_path = check_json_target(args.json)
     report_dir = check_report_dir(args.report)
@@ -226,12 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for position, lesson in enumerate(chosen):
             module = modules[lesson.number]
-            if module is None:
-                outcomes.append(Outcome(lesson, "not yet", 0.0))
-                continue
             if own_engines(module):
                 later = [modules[x.number] for x in chosen[position + 1 :]]
-                if backend is not None and not any(m is not None and not own_engines(m) for m in later):
+                if backend is not None and not any(not own_engines(m) for m in later):
                     backend.close()  # nothing later needs it: give its memory to this lesson's engines
                     backend = None
                 outcomes.append(run_lesson(lesson, module, backend, args))

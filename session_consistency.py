@@ -67,11 +67,12 @@ from rich.table import Table
 
 from harness.backend import Backend, EngineInfo, Message, PrefixCounters
 from harness.cli import engine_options, exit_with, lesson_parser
+from harness.console import console
 from harness.errors import UserError
 from harness.measure import RequestRecord, VariantResult
 from harness.model import resolve_model
 from harness.prefix import PrefixCacheModel, common_prefix_len
-from harness.report import ExampleResult, check_json_target, console, show, write_json
+from harness.report import ExampleResult, check_json_target, show, write_json
 from harness.routing import (
     Arrival,
     ConsistentHashRouter,
@@ -1106,7 +1107,7 @@ def _mark(ok: bool) -> str:
     return "[green]yes[/]" if ok else "[bold red]NO[/]"
 
 
-def explain(result: ExampleResult) -> None:
+def show_details(result: ExampleResult) -> None:
     """The routing view of the run: per router, per session, per worker, and the failover."""
     console.print(routers_table(result))
     console.print(f"[dim]{ROUTERS_LEGEND}[/]")
@@ -1214,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_endpoint(url)
     result = run(None, args)
     show(result, extra_columns=TABLE_COLUMNS)
-    explain(result)
+    show_details(result)
     write_json(json_path, result.to_json())
     return 0
 

@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 
 from harness.backend import Backend, Message
-from harness.cli import exit_with, lesson_main, run_variants_with_progress
+from harness.cli import exit_with, lesson_main
+from harness.console import console
 from harness.errors import UserError
-from harness.report import ExampleResult, console, divergence_panel
+from harness.measure import run_variants
+from harness.report import ExampleResult, divergence_panel
 from harness.scenario import (
     TASK,
     SimulatedClock,
@@ -98,7 +100,7 @@ def turns_from(args: argparse.Namespace) -> int:
 
 def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
     turns = turns_from(args)
-    wrong, right = run_variants_with_progress(
+    wrong, right = run_variants(
         backend,
         [
             (
@@ -122,7 +124,7 @@ def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
     )
 
 
-def explain(result: ExampleResult) -> None:
+def show_details(result: ExampleResult) -> None:
     """Where each variant's second turn left the cache, token-exactly."""
     for name in ("wrong", "right"):
         record = result.variant(name).requests[1]
@@ -131,7 +133,9 @@ def explain(result: ExampleResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # turns_from checks the flags first: bad input fails before the engine starts.
-    return lesson_main(argv, __doc__, add_lesson_args, turns_from, run, explain)
+    return lesson_main(
+        argv, __doc__, add_args=add_lesson_args, check_args=turns_from, run=run, show_details=show_details
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from harness.engine import EngineOptions, build_llm, vllm_version
 from harness.errors import UserError, first_line
 from harness.metrics import metric_label, parse_prometheus
+from harness.prefix import CacheModel, PrefixCacheModel
 
 Message = dict[str, str]
 
@@ -100,6 +101,10 @@ class Backend(Protocol):
 
     def counters(self) -> PrefixCounters | None: ...
 
+    def cache_model(self) -> CacheModel:
+        """An empty model of this engine's cache: how the harness predicts its hits."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -136,8 +141,6 @@ class ChatTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(token_ids)))
 
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return [self._tok.decode([t]) for t in token_ids]
 
 
 WARMUP_PROMPT = "Warm-up. Count from one to ten in French: un, deux, trois"
@@ -240,6 +243,9 @@ class OfflineBackend:
             output_token_ids=list(completion.token_ids),
             text=completion.text,
         )
+
+    def cache_model(self) -> CacheModel:
+        return PrefixCacheModel(self.info.block_size)
 
     def counters(self) -> PrefixCounters | None:
         queries = hits = 0
@@ -416,6 +422,9 @@ class ServerBackend:
             output_token_ids=None,
             text=text,
         )
+
+    def cache_model(self) -> CacheModel:
+        return PrefixCacheModel(self.block_size)
 
     def counters(self) -> PrefixCounters | None:
         totals = parse_prometheus(self._metrics_text())

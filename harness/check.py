@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from harness.backend import OfflineBackend
-from harness.cli import engine_options, exit_with
+from harness.cli import exit_with
+from harness.engine import EngineOptions, detect_device
 from harness.model import resolve_model
 from harness.scenario import system_prompt
 
@@ -19,18 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="hub id or folder (default: the embedded default model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
     args = parser.parse_args(argv)
-    defaults = dict(
-        dtype=None,
-        block_size=None,
-        enforce_eager=None,
-        kv_cache_gib=None,
-        threads=None,
-        gpu_memory_utilization=0.85,
-        max_model_len=None,
-    )
-    for key, value in defaults.items():
-        setattr(args, key, value)
-    backend = OfflineBackend(engine_options(args), resolve_model(args.model).display_name)
+    spec = resolve_model(args.model)
+    device = detect_device() if args.device == "auto" else args.device
+    backend = OfflineBackend(EngineOptions(model=spec.name_or_path, device=device), spec.display_name)
     try:
         backend.start_variant()
         system = {"role": "system", "content": system_prompt()}

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from harness.backend import Backend, OfflineBackend, ServerBackend
+from harness.console import console, err_console
 from harness.engine import EngineOptions, detect_device
 from harness.errors import UserError
-from harness.measure import VariantResult, run_variant
 from harness.model import MODEL_ENV, resolve_model
-from harness.report import ExampleResult, check_json_target, console, err_console, show, write_json
+from harness.report import ExampleResult, check_json_target, show, write_json
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -88,23 +88,33 @@ def lesson_parser(doc: str) -> argparse.ArgumentParser:
 def lesson_main(
     argv: list[str] | None,
     doc: str,
-    add_lesson_args: Callable[[argparse.ArgumentParser], None],
+    *,
+    add_args: Callable[[argparse.ArgumentParser], None],
     check_args: Callable[[argparse.Namespace], object],
-    run: Callable[[Backend, argparse.Namespace], ExampleResult],
-    explain: Callable[[ExampleResult], None],
-    extra_columns: Sequence[str] = (),
+    run: Callable[[Backend | None, argparse.Namespace], ExampleResult],
+    show_details: Callable[[ExampleResult], None],
+    table_columns: Sequence[str] = (),
+    shared_engine: bool = True,
 ) -> int:
-    """The ``main`` of a lesson that runs on one engine: parse, fail on bad input before the
-    engine starts, run, then the tables, the lesson's explanation and ``--json``."""
+    """The ``main`` of a lesson: parse, fail on bad input before anything slow starts (the
+    lesson's own checks, the ``--json`` target, the engine's options), run, then the tables, the
+    lesson's own details and ``--json``.
+
+    ``shared_engine=False``: the lesson starts its own engines (lesson 4's workers) and ``run``
+    gets no backend.
+    """
     parser = lesson_parser(doc)
-    add_lesson_args(parser)
+    add_args(parser)
     args = parser.parse_args(argv)
     check_args(args)
     json_path = check_json_target(args.json)
-    with backend_from_args(args) as backend:
-        result = run(backend, args)
-    show(result, extra_columns=extra_columns)
-    explain(result)
+    if not shared_engine:
+        result = run(None, args)
+    else:
+        with backend_from_args(args) as backend:
+            result = run(backend, args)
+    show(result, extra_columns=tuple(table_columns))
+    show_details(result)
     write_json(json_path, result.to_json())
     return 0
 
@@ -114,6 +124,8 @@ def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True)
     if args.block_size is not None and args.block_size <= 0:
         raise UserError(f"--block-size must be positive, got {args.block_size}")
     device = args.device if args.device != "auto" else detect_device()
+    if args.device == "cuda" and detect_device() != "cuda":
+        raise UserError("--device cuda: no CUDA GPU is usable here (torch sees none); leave --device at auto")
     if device == "cpu" and args.block_size is not None and args.block_size % 32:
         raise UserError(f"--block-size {args.block_size}: the CPU engine needs a multiple of 32")
     return EngineOptions(
@@ -166,32 +178,3 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
 
 def exit_with(main: Callable[[list[str] | None], int]) -> None:
     sys.exit(run_cli(main))
-
-
-def run_variants_with_progress(
-    backend: Backend,
-    variants: list[tuple[str, str, list[list[dict[str, str]]]]],
-    max_tokens: int,
-    read_cache: bool = True,
-) -> list[VariantResult]:
-    """Measure each (name, label, requests) variant in order, each from a cold cache
-    (``read_cache=False``: with no prefix-cache reuse at all, see ``run_variant``)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    results: list[VariantResult] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        for name, label, requests in variants:
-            task = progress.add_task(f"{name.upper():>6} requests", total=len(requests))
-            results.append(
-                run_variant(
-                    backend,
-                    name,
-                    label,
-                    requests,
-                    max_tokens,
-                    on_request=lambda _r, t=task: progress.advance(t),
-                    read_cache=read_cache,
-                )
-            )
-    return results

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.backend import Backend, Message, PrefixCounters
-from harness.prefix import Divergence, Prediction, PrefixCacheModel, explain_divergence
+from harness.backend import Backend, Message, PrefixCounters, Reply
+from harness.console import console
+from harness.prefix import CacheModel, Divergence, Prediction, explain_divergence
 
 
 @dataclass
@@ -103,6 +104,63 @@ class VariantResult:
         return out
 
 
+@dataclass(frozen=True)
+class Pending:
+    """One request between its prediction and the engine's answer."""
+
+    index: int
+    prompt_ids: list[int]
+    prediction: Prediction
+
+
+class Recorder:
+    """The one measuring step, in two halves around the send: ``predict`` before the request
+    goes out (the harness commits to a number first), ``record`` when the engine has answered.
+
+    ``record`` predicts again from the token IDs the engine reports it saw, when they differ from
+    the harness's rendering (a server's own chat template), records the prompt and the generated
+    tokens into the cache model, and returns the request's record. The halves are apart so one
+    loop serves a plain sequence (``run_variant``) and concurrent sends (lesson 4's workers).
+    """
+
+    def __init__(
+        self, cache: CacheModel, decode: Callable[[Sequence[int]], str], read_cache: bool = True
+    ) -> None:
+        self.cache = cache
+        self.decode = decode
+        self.read_cache = read_cache
+
+    def _predict(self, prompt_ids: Sequence[int]) -> Prediction:
+        if not self.read_cache:  # nothing reused: the prediction is 0 and nothing is a divergence
+            return Prediction(len(prompt_ids), 0, 0, None)
+        return self.cache.predict(prompt_ids)
+
+    def predict(self, index: int, prompt_ids: Sequence[int]) -> Pending:
+        return Pending(index, list(prompt_ids), self._predict(prompt_ids))
+
+    def record(self, pending: Pending, reply: Reply, extra: dict[str, Any] | None = None) -> RequestRecord:
+        prompt_ids, prediction = pending.prompt_ids, pending.prediction
+        seen = reply.prompt_token_ids
+        if self.read_cache and seen is not None and list(seen) != prompt_ids:
+            prompt_ids = list(seen)  # predict from what the engine actually saw
+            prediction = self._predict(prompt_ids)
+        divergence = None
+        if self.read_cache and len(self.cache):
+            reference = self.cache.sequence(prediction.source if prediction.source is not None else -1)
+            divergence = explain_divergence(prompt_ids, reference, self.decode)
+        self.cache.record(prompt_ids, reply.output_token_ids or ())
+        return RequestRecord(
+            index=pending.index,
+            prompt_tokens=reply.prompt_tokens,
+            cached_tokens=reply.cached_tokens,
+            predicted_cached_tokens=prediction.cached_tokens,
+            ttft_ms=reply.ttft_ms,
+            first_divergence=prediction.common_prefix,
+            divergence=divergence,
+            extra=dict(extra or {}),
+        )
+
+
 def run_variant(
     backend: Backend,
     name: str,
@@ -118,37 +176,48 @@ def run_variant(
     prediction is 0 for each and nothing counts as a divergence.
     """
     backend.start_variant()
-    model = PrefixCacheModel(backend.info.block_size)
+    recorder = Recorder(backend.cache_model(), backend.decode, read_cache)
     before = backend.counters()
     records: list[RequestRecord] = []
     for index, messages in enumerate(requests):
-        prompt_ids = backend.render(messages)
-        prediction = model.predict(prompt_ids) if read_cache else Prediction(len(prompt_ids), 0, 0, None)
+        pending = recorder.predict(index, backend.render(messages))
         reply = backend.generate(messages, max_tokens=max_tokens, read_cache=read_cache)
-        if read_cache and reply.prompt_token_ids is not None and list(reply.prompt_token_ids) != prompt_ids:
-            # The engine rendered the chat differently from the harness: predict from what it saw.
-            prompt_ids = list(reply.prompt_token_ids)
-            prediction = model.predict(prompt_ids)
-        divergence = None
-        if read_cache and len(model):
-            reference = model.sequence(prediction.source if prediction.source is not None else -1)
-            divergence = explain_divergence(prompt_ids, reference, backend.decode)
-        record = RequestRecord(
-            index=index,
-            prompt_tokens=reply.prompt_tokens,
-            cached_tokens=reply.cached_tokens,
-            predicted_cached_tokens=prediction.cached_tokens,
-            ttft_ms=reply.ttft_ms,
-            first_divergence=prediction.common_prefix,
-            divergence=divergence,
-        )
-        model.record(prompt_ids, reply.output_token_ids or ())
+        record = recorder.record(pending, reply)
         records.append(record)
         if on_request is not None:
             on_request(record)
     after = backend.counters()
     counters = after - before if before is not None and after is not None else None
     return VariantResult(name, label, records, counters)
+
+
+def run_variants(
+    backend: Backend,
+    variants: Sequence[tuple[str, str, Sequence[Sequence[Message]]]],
+    max_tokens: int,
+    read_cache: bool = True,
+) -> list[VariantResult]:
+    """Measure each (name, label, requests) variant in order, each from a cold cache, with a
+    progress bar (``read_cache=False``: with no prefix-cache reuse at all, see ``run_variant``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: list[VariantResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        for name, label, requests in variants:
+            task = progress.add_task(f"{name.upper():>6} requests", total=len(requests))
+            results.append(
+                run_variant(
+                    backend,
+                    name,
+                    label,
+                    requests,
+                    max_tokens,
+                    on_request=lambda _r, t=task: progress.advance(t),
+                    read_cache=read_cache,
+                )
+            )
+    return results
 
 
 def compare(wrong: VariantResult, right: VariantResult) -> dict[str, Any]:

@@ -37,7 +37,6 @@ class ModelSpec:
 
     name_or_path: str  # what vLLM and transformers are given
     display_name: str  # what reports print
-    is_default: bool
 
 
 def cache_home() -> Path:
@@ -71,7 +70,7 @@ def resolve_model(name_or_path: str | None) -> ModelSpec:
         folder = default_model_dir()
         if not is_default_model_ready():
             raise UserError(f"default model {DEFAULT_MODEL_NAME} is not prepared: {SETUP_HINT}")
-        return ModelSpec(str(folder), DEFAULT_MODEL_NAME, is_default=True)
+        return ModelSpec(str(folder), DEFAULT_MODEL_NAME)
 
     path = Path(name).expanduser()
     if _looks_like_path(name) or path.exists():
@@ -79,8 +78,8 @@ def resolve_model(name_or_path: str | None) -> ModelSpec:
             raise UserError(f"model path {name} does not exist (pass a model folder or a hub id)")
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {name} has no config.json: not a transformers model")
-        return ModelSpec(str(path.resolve()), path.name, is_default=False)
-    return ModelSpec(name, name, is_default=False)
+        return ModelSpec(str(path.resolve()), path.name)
+    return ModelSpec(name, name)
 
 
 def find_default_gguf() -> Path:

@@ -70,6 +70,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from harness import outputs
 from harness.errors import UserError
 from harness.metrics import (
     PREFIX_QUERIES,
@@ -262,42 +263,18 @@ class Outputs:
     dashboards: tuple[Path, ...]
 
 
-def _writable(flag: str, path: str) -> Path:
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path} is a directory; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {parent} does not exist")
-    if target.exists() and not target.is_file():
-        raise UserError(f"{flag} {path} is not a regular file")
-    probe = target if target.exists() else parent
-    if not _can_write(probe):
-        raise UserError(f"{flag} {path} cannot be written (permission denied)")
-    return target
-
-
-def _can_write(path: Path) -> bool:
-    return os.access(path, os.W_OK)
-
-
 def check_outputs(args: argparse.Namespace) -> Outputs:
     """Fail before polling if an output cannot be written or would overwrite something not ours."""
     json_path = record = plot = None
     if args.json:
-        json_path = _writable("--json", args.json)
-        if json_path.exists() and json_path.stat().st_size:
-            try:
-                ours = json.loads(json_path.read_text()).get("kind") == JSON_KIND
-            except (OSError, ValueError, AttributeError):
-                ours = False
-            if not ours:
-                raise UserError(
-                    f"--json {args.json} exists and is not a monitor snapshot; "
-                    "remove it or choose another name"
-                )
+        json_path = outputs.check_json_target(
+            "--json",
+            args.json,
+            lambda doc: isinstance(doc, dict) and doc.get("kind") == JSON_KIND,
+            "a monitor snapshot",
+        )
     if args.record:
-        record = _writable("--record", args.record)
+        record = outputs.writable_target("--record", args.record)
         if record.exists() and record.stat().st_size:
             with record.open(newline="") as f:
                 header = next(csv.reader(f), [])
@@ -309,14 +286,14 @@ def check_outputs(args: argparse.Namespace) -> Outputs:
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: the plot is a PNG, name it FILE.png")
-        plot = _writable("--plot", args.plot)
+        plot = outputs.writable_target("--plot", args.plot)
         if plot.exists() and plot.stat().st_size and plot.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
             raise UserError(f"--plot {args.plot} exists and is not a PNG; remove it or choose another name")
     dashboards: list[Path] = []
     for name in args.save_dashboard:
         if Path(name).suffix.lower() not in (".svg", ".html", ".txt"):
             raise UserError(f"--save-dashboard {name}: name it FILE.svg, FILE.html or FILE.txt")
-        dashboard = _writable("--save-dashboard", name)
+        dashboard = outputs.writable_target("--save-dashboard", name)
         if dashboard.exists() and dashboard.stat().st_size:
             head = dashboard.read_text(errors="replace")[:4000]
             if "Generated with Rich" not in head and DASHBOARD_TITLE not in head:
@@ -929,12 +906,6 @@ def snapshot_json(
     }
 
 
-def write_json_file(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-
-
 class CsvRecorder:
     """Appends one row per server per interval, flushed at once (a crash loses nothing)."""
 
@@ -1254,7 +1225,7 @@ def finish(run: Run, final: Final) -> int:
         )
         console.print(f"since the monitor started: hit rate {summary}")
     if run.outputs.json is not None:
-        write_json_file(
+        outputs.write_json(
             run.outputs.json, snapshot_json(final.views, final.total, final.window, args.interval)
         )
         console.print(f"wrote {run.outputs.json}")

@@ -18,6 +18,7 @@ import unicodedata
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -47,6 +48,23 @@ class Prediction:
     common_prefix: int  # == first divergence: index of the first token not in the cache
     cached_tokens: int
     source: int | None  # which earlier sequence (in order seen) shares that prefix
+
+
+class CacheModel(Protocol):
+    """An engine's cache, as the harness predicts it: what a new prompt will find there.
+
+    ``PrefixCacheModel`` below is vLLM's automatic prefix caching (whole blocks, chained); the
+    breakpoint engine of lesson 3 has its own (all or nothing up to the marker). The measuring
+    loop (``harness.measure``) works with either.
+    """
+
+    def predict(self, prompt: Sequence[int]) -> Prediction: ...
+
+    def record(self, prompt: Sequence[int], output: Sequence[int] = ()) -> None: ...
+
+    def sequence(self, index: int) -> Sequence[int]: ...
+
+    def __len__(self) -> int: ...
 
 
 class PrefixCacheModel:
@@ -85,10 +103,6 @@ class PrefixCacheModel:
     def sequence(self, index: int) -> array[int]:
         """The ``index``-th recorded sequence (in the order recorded; -1 is the latest)."""
         return self._seen[index]
-
-    @property
-    def sequences(self) -> list[tuple[int, ...]]:
-        return [tuple(s) for s in self._seen]
 
     def predict(self, prompt: Sequence[int]) -> Prediction:
         """How much of ``prompt`` the cache serves; ``source`` is the recorded sequence sharing

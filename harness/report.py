@@ -1,24 +1,20 @@
-"""Show results: rich tables for people, the JSON contract (DESIGN.md) for machines."""
+"""Show results: rich tables for people, the JSON contract (docs/schemas/lesson.schema.json) for machines."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from harness import outputs
 from harness.backend import EngineInfo
-from harness.errors import UserError
+from harness.console import console, mark
 from harness.measure import RequestRecord, VariantResult, compare
 from harness.prefix import Divergence
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 
 @dataclass
@@ -53,12 +49,6 @@ class ExampleResult:
         return out
 
 
-def _mark(ok: bool | None) -> str:
-    if ok is None:
-        return "[dim]n/a[/]"
-    return "[green]yes[/]" if ok else "[bold red]NO[/]"
-
-
 def variant_table(variant: VariantResult, extra_columns: tuple[str, ...] = ()) -> Table:
     table = Table(title=f"{variant.name.upper()}: {escape(variant.label)}", title_justify="left")
     table.add_column("#", justify="right")
@@ -79,7 +69,7 @@ def variant_table(variant: VariantResult, extra_columns: tuple[str, ...] = ()) -
             f"{r.prompt_tokens:,}",
             f"{r.cached_tokens:,}",
             f"{r.predicted_cached_tokens:,}",
-            _mark(r.prediction_ok),
+            mark(r.prediction_ok),
             f"{hit:.0%}",
             f"{r.ttft_ms:,.0f}",
             leaves,
@@ -119,12 +109,12 @@ def summary_panel(result: ExampleResult) -> Panel:
         f"TTFT median WRONG {result.variant('wrong').summary()['ttft_ms_median']:,.0f} ms   "
         f"RIGHT {result.variant('right').summary()['ttft_ms_median']:,.0f} ms   "
         f"speedup [bold]{c['ttft_speedup_median']:.1f}x[/]",
-        f"prediction == engine on every request: {_mark(c['prediction_matches'])}",
+        f"prediction == engine on every request: {mark(c['prediction_matches'])}",
     ]
     for v in result.variants:
         agree = v.counters_agree()
         if agree is not None:
-            lines.append(f"engine counters agree with per-request numbers ({v.name}): {_mark(agree)}")
+            lines.append(f"engine counters agree with per-request numbers ({v.name}): {mark(agree)}")
     lines.append(
         f"[dim]{e.backend} {e.vllm_version} | model {escape(e.model)} | device {e.device} | "
         f"block size {e.block_size}[/]"
@@ -139,34 +129,19 @@ def show(result: ExampleResult, extra_columns: tuple[str, ...] = ()) -> None:
     console.print(summary_panel(result))
 
 
+def is_lesson_result(document: Any) -> bool:
+    """A lesson's or the runner's ``--json`` output (what ``--json`` may replace)."""
+    return isinstance(document, dict) and ("example" in document or "examples" in document)
+
+
 def check_json_target(path: str | None) -> Path | None:
     """Fail before any work if ``--json PATH`` cannot be written, or would overwrite something
     that is not an earlier result of these lessons."""
-    if not path:
-        return None
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"--json {path} is a directory; give a file name")
-    if not target.parent.exists():
-        raise UserError(f"--json {path}: folder {target.parent} does not exist")
-    if target.exists():
-        try:
-            existing = json.loads(target.read_text())
-            ours = isinstance(existing, dict) and ("example" in existing or "examples" in existing)
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
-            raise UserError(
-                f"--json {path} exists and is not a result file of these lessons; "
-                "remove it or choose another name"
-            )
-    return target
+    return outputs.check_json_target("--json", path, is_lesson_result, "a result file of these lessons")
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    outputs.write_json(path, payload)
     console.print(f"[dim]wrote {path}[/]")

@@ -169,9 +169,6 @@ class LocalServers:
             wait_healthy(server, deadline)
             self.on_status(f"{server.name} ready on port {server.port}")
 
-    def stop_one(self, server: ServerProcess) -> None:
-        stop_process_group(server.process)
-
     def stop(self) -> None:
         for server in self.servers:
             stop_process_group(server.process)

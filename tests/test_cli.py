@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_script
+
+from harness.engine import detect_device
 
 
 def assert_one_line_error(proc: object, starts: str, code: int = 2) -> None:
@@ -65,3 +68,15 @@ def test_run_all_list() -> None:
     proc = run_script("run_all_examples.py", "--list")
     assert proc.returncode == 0
     assert "stable_prefix_vs_timestamp" in proc.stdout
+
+
+def test_json_that_cannot_be_written_fails_before_the_engine_starts() -> None:
+    # /proc takes no new files, even for root: the lesson must not run 77 s and then fail.
+    proc = run_script("stable_prefix_vs_timestamp.py", "--quick", "--json", "/proc/kvlessons-x.json")
+    assert_one_line_error(proc, "error: --json /proc/kvlessons-x.json cannot be written")
+
+
+@pytest.mark.skipif(detect_device() == "cuda", reason="this machine has a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_line() -> None:
+    proc = run_script("stable_prefix_vs_timestamp.py", "--quick", "--device", "cuda")
+    assert_one_line_error(proc, "error: --device cuda: no CUDA GPU is usable here")

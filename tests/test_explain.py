@@ -944,7 +944,8 @@ def test_cli_refuses_to_overwrite_foreign_file(tmp_path: Path) -> None:
     foreign.write_text('{"example": "stable_prefix_vs_timestamp"}')
     result = run_cli(str(path), "--json", str(foreign))
     assert result.returncode == 2
-    assert result.stderr.startswith("error: refusing to overwrite")
+    assert result.stderr.startswith(f"error: --json {foreign} exists and is not a harness.explain result")
+    assert "refusing to overwrite" in result.stderr
     assert foreign.read_text() == '{"example": "stable_prefix_vs_timestamp"}'
 
 

@@ -20,14 +20,13 @@ Columns of the table:
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness import outputs
 from harness.explain.analyze import SHARED, RequestExplanation
 from harness.explain.formats import ChatRequest, SkippedLine
 from harness.explain.verify import VerifiedRequest
@@ -116,28 +115,18 @@ def report_json(
     }
 
 
+def is_explain_result(document: Any) -> bool:
+    return isinstance(document, dict) and document.get("tool") == TOOL_NAME
+
+
 def check_json_target(path: Path) -> None:
-    """Refuse to overwrite anything but an earlier result of this tool."""
-    if not path.exists():
-        if not path.parent.is_dir():
-            raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-        return
-    if not path.is_file():
-        raise UserError(f"cannot write {path}: not a regular file")
-    try:
-        existing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        existing = None
-    if not (isinstance(existing, dict) and existing.get("tool") == TOOL_NAME):
-        raise UserError(f"refusing to overwrite {path}: it exists and is not a {TOOL_NAME} result")
+    """Refuse an unwritable path, or to overwrite anything but an earlier result of this tool."""
+    outputs.check_json_target("--json", path, is_explain_result, f"a {TOOL_NAME} result")
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     check_json_target(path)
-    try:
-        path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    outputs.write_json(path, document)
 
 
 def _visible(text: str, width: int = 48, keep: str = "end") -> str:

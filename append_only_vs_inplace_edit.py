@@ -367,22 +367,6 @@ def template_renderer(model: str | None) -> ChatRenderer:
     return ChatRenderer(resolve_model(model).name_or_path)
 
 
-HINT_WINDOW = 40  # characters on each side of the first change that detect_hint looks at
-
-
-def hint_at_break(old: str, new: str) -> str | None:
-    """The explainer's label for the value that broke the prefix.
-
-    Given the whole state, detect_hint would judge the whole JSON document around the change
-    (and report keys moved anywhere in it); the text around the first change names the value
-    that actually left the cache: a counter, a timestamp, a moved key.
-    """
-    at = common_prefix_len(old, new)  # strings are sequences too
-    start = max(0, at - HINT_WINDOW)
-    hint = detect_hint(old[start : at + HINT_WINDOW], new[start : at + HINT_WINDOW])
-    return hint.kind if hint is not None else None
-
-
 def context_part(message_index: int | None, state: str) -> str:
     """Name the part of the shared layout (see ``context``) a message index points at."""
     if message_index is None:
@@ -403,7 +387,8 @@ def annotate(
         index = renderer.message_at(renderer.render_messages(messages), record.first_divergence)
         hint = None
         if index is not None and index < len(previous) and previous[index]["role"] == messages[index]["role"]:
-            hint = hint_at_break(previous[index]["content"], messages[index]["content"])
+            found = detect_hint(previous[index]["content"], messages[index]["content"])
+            hint = found.kind if found is not None else None
         record.extra.update(
             {
                 "message_index": index,

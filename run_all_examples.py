@@ -29,7 +29,7 @@ from typing import Any
 from rich.table import Table
 
 from harness.backend import Backend
-from harness.cli import add_common_args, exit_with, open_backend
+from harness.cli import add_common_args, check_price_as, exit_with, open_backend
 from harness.console import console, err_console
 from harness.engine import machine_summary
 from harness.errors import UserError
@@ -109,6 +109,7 @@ def run_lesson(
     except Exception as exc:  # one lesson's bug must not hide the others' results
         err_console.print(traceback.format_exc())
         return Outcome(lesson, "failed", time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+    result.price_as = args.price_as
     show(result, extra_columns=getattr(module, "TABLE_COLUMNS", ()))
     if hasattr(module, "show_details"):
         module.show_details(result)
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for lesson in LESSONS:
             console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}")
         return 0
+    check_price_as(args.price_as)
     json_path = check_json_target(args.json)
     report_dir = check_report_dir(args.report)
     start = time.perf_counter()

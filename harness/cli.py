@@ -12,7 +12,7 @@ from harness.console import console, err_console
 from harness.engine import EngineOptions, detect_device
 from harness.errors import UserError
 from harness.model import MODEL_ENV, resolve_model
-from harness.report import ExampleResult, check_json_target, show, write_json
+from harness.report import DEFAULT_PRICE_AS, ExampleResult, check_json_target, show, write_json
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="short prompts and few requests: a fast smoke run (what the tests use)",
     )
     o.add_argument(
+        "--price-as",
+        default=DEFAULT_PRICE_AS,
+        metavar="PROVIDER:MODEL",
+        help=f"price the prompt tokens at this provider's list prices in the summary (default "
+        f"{DEFAULT_PRICE_AS}; see docs/providers.md)",
+    )
+    o.add_argument(
         "--max-tokens",
         type=int,
         default=1,
@@ -107,16 +114,25 @@ def lesson_main(
     add_args(parser)
     args = parser.parse_args(argv)
     check_args(args)
+    check_price_as(args.price_as)
     json_path = check_json_target(args.json)
     if not shared_engine:
         result = run(None, args)
     else:
         with backend_from_args(args) as backend:
             result = run(backend, args)
+    result.price_as = args.price_as
     show(result, extra_columns=tuple(table_columns))
     show_details(result)
     write_json(json_path, result.to_json())
     return 0
+
+
+def check_price_as(provider_model: str) -> None:
+    """``--price-as`` names a provider:model the price table knows (one line and exit 2 if not)."""
+    from harness.providers import load_table
+
+    load_table().entry(provider_model)
 
 
 def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True) -> EngineOptions:

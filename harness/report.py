@@ -16,6 +16,26 @@ from harness.console import console, mark
 from harness.measure import RequestRecord, VariantResult, compare
 from harness.prefix import Divergence
 
+# Automatic caching with no code change, like vLLM's APC, and exact offline token counts.
+DEFAULT_PRICE_AS = "openai:gpt-6.2-sol"
+RUNS = 1000  # the summary prices this many runs of a lesson's session: cents become readable
+
+
+def prompt_cost_usd(variant: VariantResult, provider_model: str) -> float | None:
+    """A variant's prompt tokens at ``provider_model``'s list prices: the tokens the engine served
+    from cache at the cached-input rate, the rest at the input rate (cache-write surcharges and
+    output not counted). ``None`` when the table has no such prices."""
+    from harness.providers import load_table, price
+
+    summary = variant.summary()
+    cost = price(
+        provider_model,
+        load_table(),
+        prompt_tokens=summary["prompt_tokens"],
+        cached_tokens=summary["cached_tokens"],
+    )
+    return None if cost is None else round(cost, 8)
+
 
 @dataclass
 class ExampleResult:
@@ -26,6 +46,7 @@ class ExampleResult:
     variants: list[VariantResult]
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # lesson-specific top-level fields
+    price_as: str = DEFAULT_PRICE_AS  # the provider:model whose list prices the summary quotes
 
     def variant(self, name: str) -> VariantResult:
         for v in self.variants:
@@ -34,7 +55,13 @@ class ExampleResult:
         raise KeyError(name)
 
     def comparison(self) -> dict[str, Any]:
-        return compare(self.variant("wrong"), self.variant("right"))
+        out = compare(self.variant("wrong"), self.variant("right"))
+        out.update(
+            cost_wrong_usd=prompt_cost_usd(self.variant("wrong"), self.price_as),
+            cost_right_usd=prompt_cost_usd(self.variant("right"), self.price_as),
+            cost_provider=self.price_as,
+        )
+        return out
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -115,6 +142,13 @@ def summary_panel(result: ExampleResult) -> Panel:
         agree = v.counters_agree()
         if agree is not None:
             lines.append(f"engine counters agree with per-request numbers ({v.name}): {mark(agree)}")
+    if c["cost_wrong_usd"] is not None and c["cost_right_usd"] is not None:
+        lines.append(
+            f"prompt cost per {RUNS:,} runs of this session at {c['cost_provider']} list prices: "
+            f"WRONG [red]${c['cost_wrong_usd'] * RUNS:,.2f}[/]   "
+            f"RIGHT [green]${c['cost_right_usd'] * RUNS:,.2f}[/]"
+            "   [dim](engine's cached tokens at the cached-input rate; writes, output not counted)[/]"
+        )
     lines.append(
         f"[dim]{e.backend} {e.vllm_version} | model {escape(e.model)} | device {e.device} | "
         f"block size {e.block_size}[/]"

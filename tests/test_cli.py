@@ -80,3 +80,8 @@ def test_json_that_cannot_be_written_fails_before_the_engine_starts() -> None:
 def test_device_cuda_without_a_gpu_is_one_line() -> None:
     proc = run_script("stable_prefix_vs_timestamp.py", "--quick", "--device", "cuda")
     assert_one_line_error(proc, "error: --device cuda: no CUDA GPU is usable here")
+
+
+def test_unknown_price_as_fails_before_the_engine_starts() -> None:
+    proc = run_script("stable_prefix_vs_timestamp.py", "--quick", "--price-as", "openai:no-such-model")
+    assert_one_line_error(proc, "error: unknown provider/model 'openai:no-such-model'")

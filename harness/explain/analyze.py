@@ -58,6 +58,8 @@ class RequestExplanation:
     lost_tokens: int
     hint: Hint | None
     cached_from_line: int | None = None  # the request whose tokens serve the cache hit (any session)
+    cache_common_prefix: int = 0  # tokens shared with anything in the cache (token-exact, any session)
+    reference_tokens: int = 0  # length of the reference (its prompt and logged reply), 0 without one
     reply_tokens: int = 0  # tokens the logged reply added to the cache (0: no response logged)
     reply_tokens_source: str | None = None  # "token_ids" (exact) | "rendered" (as the template writes it)
     usage: LoggedUsage | None = None
@@ -220,6 +222,8 @@ def explain_requests(
             lost_tokens=lost,
             hint=hint,
             cached_from_line=cached_from,
+            cache_common_prefix=hit.common_prefix,
+            reference_tokens=len(reference) if reference is not None else 0,
             reply_tokens=max(0, len(reply) - 1),
             reply_tokens_source=reply_source,
             usage=usage,

@@ -13,9 +13,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.explain.analyze import DEFAULT_CONTEXT_TOKENS, SCOPES, SHARED, explain_requests
-from harness.explain.formats import read_requests
-from harness.explain.report import check_json_target, disagreements, print_report, report_json, write_json
+from harness.explain.analyze import (
+    DEFAULT_CONTEXT_TOKENS,
+    SCOPES,
+    SHARED,
+    RequestExplanation,
+    explain_requests,
+)
+from harness.explain.costs import ENGINES, expand, price_log, usd_by_line
+from harness.explain.formats import ChatRequest, read_requests
+from harness.explain.report import (
+    check_json_target,
+    disagreements,
+    print_report,
+    print_suggestion,
+    report_json,
+    write_json,
+)
+from harness.explain.spans import find_spans, suggest
+from harness.providers import load_table
 
 DEFAULT_BLOCK_SIZE = 32  # the CPU engine's block size in this project (harness.engine)
 
@@ -97,6 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip malformed lines with a warning instead of stopping at the first one",
     )
     parser.add_argument(
+        "--provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also price the log under a provider's caching rules: vllm, sglang, openai:MODEL, "
+        "anthropic:MODEL, gemini:MODEL, or all (repeat or separate with commas; see docs/providers.md)",
+    )
+    parser.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="rules and prices overriding or extending harness/data/providers.json (same shape), "
+        "e.g. a price for vllm:* or sglang:*",
+    )
+    parser.add_argument(
+        "--suggest",
+        action="store_true",
+        help="apply the top volatile span's fix to its session and show one real request before and "
+        "after, with where the cache breakpoint goes",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="also replay the log on the embedded vLLM engine and show its cached tokens next to the "
@@ -133,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chat-template {args.chat_template}: no such file")
     if args.json is not None:
         check_json_target(args.json)  # fail before the work, not after it
+    providers = expand(args.provider)
+    table = None
+    if providers or args.prices is not None:
+        table = load_table(args.prices)
+        for name in providers:
+            if name not in ENGINES:
+                table.entry(name)  # an unknown provider or model fails here, before anything slow
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -220,9 +265,24 @@ def run(args: argparse.Namespace) -> int:
             if backend is not None:
                 backend.close()
 
+    costs = (
+        price_log(providers, requests, explanations, table, spec.display_name) if table and providers else []
+    )
+    spans = find_spans(explanations, renderer.decode, usd_by_line(costs, explanations))
+    suggestion = None
+    if args.suggest and spans:
+
+        def reanalyze(fixed: list[ChatRequest]) -> list[RequestExplanation]:
+            return explain_requests(fixed, renderer, block_size, args.context, scope=args.scope)
+
+        suggestion = suggest(requests, explanations, spans[0], reanalyze, block_size)
     template = str(args.chat_template) if args.chat_template is not None else None
     model_name = spec.display_name + (f" + {args.chat_template.name}" if args.chat_template else "")
-    print_report(explanations, model_name, block_size, verified, scope=args.scope)
+    print_report(explanations, model_name, block_size, verified, scope=args.scope, costs=costs, spans=spans)
+    if suggestion is not None:
+        print_suggestion(suggestion)
+    elif args.suggest:
+        print("no volatile span: every request extends (or repeats) its session's previous one")
     if args.json is not None:
         document = report_json(
             args.requests,
@@ -234,6 +294,9 @@ def run(args: argparse.Namespace) -> int:
             scope=args.scope,
             requests=requests,
             chat_template=template,
+            costs=costs,
+            spans=spans,
+            suggestion=suggestion,
         )
         write_json(args.json, document)
     if verified is not None:

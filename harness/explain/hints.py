@@ -204,8 +204,10 @@ def detect_hint(old: str, new: str) -> Hint | None:
         )
     position = common_prefix_len(old, new)  # strings are sequences too
     json_hint = _json_hint(old, new, position)
-    if json_hint is not None:
-        return json_hint
+    if json_hint is not None and "values changed too" not in json_hint.advice:
+        return json_hint  # the same data, other text: the serialization is the whole story
+    # A JSON document whose values changed *and* whose keys moved somewhere: what sits at the
+    # first difference (a counter, a clock) is what broke the prefix; name that first.
     for kind, patterns, check in (
         ("uuid", ID_PATTERNS, None),
         ("timestamp", TIMESTAMP_PATTERNS, _plausible_time),
@@ -218,7 +220,7 @@ def detect_hint(old: str, new: str) -> Hint | None:
     counter = _counter_hint(old, new, position)
     if counter is not None:
         return counter
-    return _insertion_hint(old, new, position)
+    return json_hint or _insertion_hint(old, new, position)
 
 
 def _insertion_hint(old: str, new: str, position: int) -> Hint | None:

@@ -28,7 +28,9 @@ from typing import Any
 
 from harness import outputs
 from harness.explain.analyze import SHARED, RequestExplanation
+from harness.explain.costs import LogCost
 from harness.explain.formats import ChatRequest, SkippedLine
+from harness.explain.spans import Suggestion, VolatileSpan
 from harness.explain.verify import VerifiedRequest
 
 TOOL_NAME = "harness.explain"
@@ -90,9 +92,26 @@ def report_json(
     scope: str = SHARED,
     requests: Sequence[ChatRequest] = (),
     chat_template: str | None = None,
+    costs: Sequence[LogCost] = (),
+    spans: Sequence[VolatileSpan] = (),
+    suggestion: Suggestion | None = None,
 ) -> dict[str, Any]:
     """The ``--json`` document. ``tool`` marks it as ours (``--json`` overwrites only those)."""
     rows = [e.to_json() for e in explanations]
+    for i, row in enumerate(rows):
+        if costs:
+            row["providers"] = {
+                c.provider_model: {
+                    "cached_tokens": c.usages[i].cached_tokens,
+                    "cache_write_tokens": c.usages[i].cache_write_tokens,
+                    "prompt_tokens": c.usages[i].prompt_tokens,
+                    "cost_usd": c.usages[i].cost_usd,
+                    "cost_if_extended_usd": c.usages[i].cost_if_extended_usd,
+                    "approximate": c.usages[i].approximate,
+                    "notes": list(c.usages[i].notes),
+                }
+                for c in costs
+            }
     for row, request in zip(rows, requests, strict=False):
         row["format"] = request.format
     if verified is not None:
@@ -112,6 +131,9 @@ def report_json(
         "requests": rows,
         "skipped": [{"line": s.line, "error": s.error} for s in skipped],
         "summary": summary(explanations),
+        "cost": {c.provider_model: c.to_json() for c in costs},
+        "volatile_spans": [span.to_json() for span in spans],
+        "suggestion": suggestion.to_json() if suggestion is not None else None,
     }
 
 
@@ -147,6 +169,17 @@ def _where(e: RequestExplanation) -> str:
     return f"msg {e.message_index} ({e.role})"
 
 
+def _console() -> Any:
+    """stdout, wide when it is not a terminal (a pipe, a CI log, a file): rich would wrap tables
+    at 80 columns there; keep rows whole."""
+    import os
+
+    from rich.console import Console
+
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=140 if wide else None)
+
+
 def print_report(
     explanations: Sequence[RequestExplanation],
     model: str,
@@ -154,18 +187,14 @@ def print_report(
     verified: Sequence[VerifiedRequest] | None = None,
     console: Any = None,
     scope: str = SHARED,
+    costs: Sequence[LogCost] = (),
+    spans: Sequence[VolatileSpan] = (),
 ) -> None:
     """A table with one row per request, then a short detail block per break."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    if console is None:
-        import os
-
-        # Not a terminal (a pipe, a CI log, a file): rich would wrap at 80 columns; keep rows whole.
-        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-        console = Console(highlight=False, width=140 if wide else None)
+    console = console or _console()
     reported = any(e.reconciliation is not None for e in explanations)
     title = f"prefix-cache explanation: {model}, block size {block_size}, scope {scope}"
     table = Table(title=title, title_justify="left")
@@ -278,6 +307,13 @@ def print_report(
                 style="yellow",
             )
         )
+    if spans:
+        console.print(spans_table(spans))
+    if costs:
+        console.print(cost_table(costs))
+        for c in costs:
+            if c.assumption:
+                console.print(Text(f"{c.provider_model}: {c.assumption}", style="dim"))
     if verified is not None:
         bad = disagreements(explanations, verified)
         if bad:
@@ -286,3 +322,113 @@ def print_report(
             console.print(
                 Text(f"the engine agrees with the prediction on all {len(verified)} requests", style="green")
             )
+
+
+def _usd(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:,.4f}"
+
+
+def cost_table(costs: Sequence[LogCost]) -> Any:
+    """The log priced per provider: tokens read from cache, dollars spent, dollars lost to breaks."""
+    from rich.table import Table
+
+    table = Table(title="the same log under each provider's caching rules (--provider)", title_justify="left")
+    for name in (
+        "provider:model",
+        "prompt",
+        "cached",
+        "written",
+        "hit",
+        "spent",
+        "lost to breaks",
+        "by cause",
+    ):
+        table.add_column(name, justify="left" if name in ("provider:model", "by cause") else "right")
+    for c in costs:
+        data = c.to_json()
+        prompt = data["prompt_tokens"]
+        causes = ", ".join(
+            f"{k} {_usd(v)}" for k, v in sorted(c.lost_by_cause.items(), key=lambda kv: -kv[1])
+        )
+        table.add_row(
+            c.provider_model + (" ~" if c.approximate else ""),
+            f"{prompt:,}",
+            f"{data['cached_tokens']:,}",
+            f"{data['cache_write_tokens']:,}",
+            f"{data['cached_tokens'] / prompt:.0%}" if prompt else "-",
+            _usd(c.spent_usd),
+            _usd(c.lost_to_breaks_usd),
+            causes,
+        )
+    table.caption = "~ token counts approximate (no offline tokenizer); n/a: no price in the table (--prices)"
+    return table
+
+
+def spans_table(spans: Sequence[VolatileSpan], top: int = 5) -> Any:
+    """The volatile spans, most tokens lost first: what to move out of the stable prefix."""
+    from rich.table import Table
+
+    table = Table(
+        title="volatile spans: what changes inside the prefix, most tokens lost first", title_justify="left"
+    )
+    for name in ("session", "first line", "where", "tokens", "kind", "text", "lost", "times", "fix"):
+        table.add_column(name, justify="right" if name in ("first line", "lost", "times") else "left")
+    for span in spans[:top]:
+        where = "-" if span.message_index is None else f"msg {span.message_index}"
+        table.add_row(
+            span.session_id or "-",
+            str(span.line),
+            where,
+            f"{span.start_token}-{span.end_token}",
+            span.kind,
+            _visible(span.text, 28, keep="start"),
+            str(span.tokens_lost),
+            str(span.occurrences),
+            span.fix,
+        )
+    if len(spans) > top:
+        table.caption = f"{len(spans) - top} more in --json (volatile_spans)"
+    return table
+
+
+def print_suggestion(s: Suggestion, console: Any = None) -> None:
+    """--suggest: the top fix, on one real request, before and after."""
+    from rich.text import Text
+
+    console = console or _console()
+    span = s.span
+    console.print(
+        Text(
+            f"suggestion: the {span.kind} span of session {span.session_id or '-'} "
+            f"(first at line {span.line}, token {span.start_token}) cost {span.tokens_lost} cached "
+            f"tokens over {span.occurrences} request(s)",
+            style="bold",
+        )
+    )
+    for provider, usd in sorted(span.usd_lost.items()):
+        console.print(Text(f"  {provider}: ${usd:,.4f} lost to it"))
+    console.print(Text(f"  fix    : {span.fix}"))
+    console.print(Text(f"  before : {s.before_text!r}"))
+    if s.applied:
+        console.print(Text(f"  after  : {s.after_text!r}"))
+        style = "green" if s.after_status in ("extends", "repeat") else "yellow"
+        console.print(
+            Text(
+                f"  line {s.line}: {s.before_status}, {s.before_cached} of {s.prompt_tokens} cached -> "
+                f"{s.after_status}, {s.after_cached} of {s.after_prompt_tokens} cached "
+                "(the analysis run again on the fixed session)",
+                style=style,
+            )
+        )
+    else:
+        console.print(Text("  (this body's format is not rewritten automatically: apply the fix by hand)"))
+    b = s.breakpoints
+    console.print(
+        Text(
+            f"  stable part: the first {b.stable_end} tokens; on vLLM (block {b.block_size}) pad it by "
+            f"{b.pad_tokens} tokens to end on a block, or the last partial block is recomputed"
+        )
+    )
+    console.print(Text(f"  // __CACHE_END__ marker: {b.marker}"))
+    for place in b.anthropic:
+        console.print(Text(f"  Anthropic cache_control: on {place}"))

@@ -4,6 +4,7 @@
     2  append_only_vs_inplace_edit   JSON state edited in place vs an append-only, deterministic log
     3  manual_cache_boundary         an explicit cache breakpoint for engines without prefix caching
     4  session_consistency           session-sticky routing vs round robin across engine workers
+    5  prefix_cache_isolation        a shared prefix cache tells one tenant what another sent; cache_salt
 
 The engine starts once and every lesson that can share it does (its prefix cache is reset
 before each variant). A lesson that fails is reported and the others still run; the exit code
@@ -48,6 +49,7 @@ LESSONS = [
     Lesson(2, "append_only_vs_inplace_edit", "JSON state edited in place vs an append-only log"),
     Lesson(3, "manual_cache_boundary", "an explicit cache breakpoint without automatic caching"),
     Lesson(4, "session_consistency", "session-sticky routing vs round robin across workers"),
+    Lesson(5, "prefix_cache_isolation", "a shared prefix cache as a side channel; cache_salt per tenant"),
 ]
 BY_NUMBER = {lesson.number: lesson for lesson in LESSONS}
 

@@ -62,7 +62,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, help="context length the engine is built for (default: the model's)"
     )
     o = parser.add_argument_group("output")
-    o.add_argument("--json", metavar="PATH", help="also write the results as JSON (DESIGN.md contract)")
+    o.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON (docs/schemas/lesson.schema.json)"
+    )
     o.add_argument(
         "--quick",
         action="store_true",

@@ -1,7 +1,8 @@
 """Build the vLLM engine, with the defaults that matter per device, in one place.
 
-On CPU (measured on 2-core AVX2 machines, see FACTS.md): float32 with ``enforce_eager`` starts
-in ~25 s and prefills ~5x faster than the bfloat16 default with its compile warm-up; block size
+On CPU (measured on 2-core AVX2 machines; bench/prefill_bench.py, README "CPU engine
+performance"): float32 with ``enforce_eager`` starts in ~25 s and prefills ~5x faster than the
+bfloat16 default with its compile warm-up; block size
 32 (the smallest the CPU attention backend takes) caches more of each prompt than the default
 128; ``OMP_NUM_THREADS`` must be set or vLLM serves on one thread; the KV cache size is explicit
 so a laptop is not asked for its whole memory. On CUDA, vLLM's own defaults apply.

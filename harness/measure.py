@@ -59,6 +59,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """The ROC AUC of ``scores`` as a classifier of ``labels``: the chance that a random positive
+    scores above a random negative, ties counting half (0.5: no better than a coin)."""
+    positives = [s for s, y in zip(scores, labels, strict=True) if y]
+    negatives = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not positives or not negatives:
+        raise ValueError("an AUC needs at least one positive and one negative")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
 @dataclass
 class VariantResult:
     name: str  # "wrong" / "right" / ...
@@ -161,6 +172,23 @@ class Recorder:
         )
 
 
+class SaltedCaches:
+    """Requests that carry their own ``cache_salt`` on one engine: one predicted cache per salt,
+    as the engine keeps them (vLLM mixes the salt into the first block's hash, so two salts never
+    share a block). ``None`` is the engine's shared cache."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._recorders: dict[str | None, Recorder] = {}
+
+    def send(
+        self, messages: Sequence[Message], salt: str | None, index: int, extra: dict[str, Any] | None = None
+    ) -> RequestRecord:
+        recorder = self._recorders.setdefault(salt, Recorder(self.backend.cache_model(), self.backend.decode))
+        pending = recorder.predict(index, self.backend.render(messages))
+        return recorder.record(pending, self.backend.generate(messages, cache_salt=salt), extra)
+
+
 def run_variant(
     backend: Backend,
     name: str,
@@ -197,24 +225,17 @@ def run_variants(
     max_tokens: int,
     read_cache: bool = True,
 ) -> list[VariantResult]:
-    """Measure each (name, label, requests) variant in order, each from a cold cache, with a
-    progress bar (``read_cache=False``: with no prefix-cache reuse at all, see ``run_variant``)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Measure each (name, label, requests) variant in order, each from a cold cache, showing each
+    request live as it completes (``harness.live``; ``read_cache=False``: with no prefix-cache
+    reuse at all, see ``run_variant``)."""
+    from harness.live import live_variant
 
     results: list[VariantResult] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        for name, label, requests in variants:
-            task = progress.add_task(f"{name.upper():>6} requests", total=len(requests))
+    for name, label, requests in variants:
+        with live_variant(console, name, len(requests)) as live:
             results.append(
                 run_variant(
-                    backend,
-                    name,
-                    label,
-                    requests,
-                    max_tokens,
-                    on_request=lambda _r, t=task: progress.advance(t),
-                    read_cache=read_cache,
+                    backend, name, label, requests, max_tokens, on_request=live.add, read_cache=read_cache
                 )
             )
     return results

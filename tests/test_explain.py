@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import validate
 
 from harness.errors import UserError
 from harness.explain import (
@@ -897,6 +898,7 @@ def test_cli_skip_bad_goes_on(tmp_path: Path, model_path: str) -> None:
     assert "warning:" in result.stderr and "line 2:" in result.stderr
     assert "Traceback" not in result.stderr
     document = json.loads(out.read_text())
+    validate("explain", document)
     assert document["tool"] == "harness.explain"
     assert [r["line"] for r in document["requests"]] == [1, 4]
     assert [s["line"] for s in document["skipped"]] == [2]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TOOLS_TEMPLATE, run_script
+from conftest import TOOLS_TEMPLATE, run_script, validate
 
 from harness.backend import OfflineBackend
 from harness.explain import explain_requests, read_requests
@@ -77,6 +77,7 @@ def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     document = json.loads(out.read_text())
+    validate("explain", document)
     assert document["verified"] is True and document["block_size"] == 32
     for row in document["requests"]:
         # the server rendered every body (OpenAI and Anthropic, with tools) to the same tokens

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import validate
 
 import append_only_vs_inplace_edit as lesson2
 import stable_prefix_vs_timestamp as lesson1
@@ -171,6 +172,7 @@ def test_suggest_and_spans_in_the_json(tmp_path: Path) -> None:
     result = run_cli(str(EXAMPLE), "--suggest", "--provider", "vllm", "--json", str(out))
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
+    validate("explain", document)
     spans = document["volatile_spans"]
     assert [s["tokens_lost"] for s in spans] == sorted((s["tokens_lost"] for s in spans), reverse=True)
     assert {"session_id", "message_index", "start_token", "end_token", "kind", "tokens_lost", "fix"} <= set(

@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from conftest import run_script
+from conftest import run_script, validate
 
 import stable_prefix_vs_timestamp as lesson
 from harness.backend import ChatTokenizer, OfflineBackend
@@ -68,6 +68,7 @@ def test_quick_lesson_on_the_engine(engine: OfflineBackend) -> None:
     right_records = result.variant("right").requests
     assert right_records[1].first_divergence == right_records[0].prompt_tokens
     assert json.loads(json.dumps(data))["example"] == "stable_prefix_vs_timestamp"
+    validate("lesson", json.loads(json.dumps(data)))
 
 
 @pytest.mark.parametrize("turns", ["1", "0", "-3"])

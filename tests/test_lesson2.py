@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from conftest import run_script
+from conftest import run_script, validate
 
 import append_only_vs_inplace_edit as lesson
 from harness.backend import ChatTokenizer, Message, OfflineBackend
@@ -149,6 +149,7 @@ def quick_args(**overrides: object) -> argparse.Namespace:
 def test_quick_lesson_on_the_engine(engine: OfflineBackend) -> None:
     result = lesson.run(engine, quick_args())
     data = json.loads(json.dumps(result.to_json()))
+    validate("lesson", data)
     wrong, right = (v["summary"] for v in data["variants"])
     for v in data["variants"]:
         assert v["summary"]["requests"] == lesson.QUICK_STEPS

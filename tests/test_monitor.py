@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, validate
 
 from harness.metrics import (
     Counters,
@@ -648,6 +648,7 @@ def test_once_snapshot_is_the_counters_since_the_server_started(
     proc = monitor(a.url, "--endpoints", f"{b.url},{dead}", "--once", "--json", str(out))
     assert proc.returncode == 1, proc.stderr  # one server down: the script is told
     snap = json.loads(out.read_text())
+    validate("monitor", snap)
     assert snap["window"] == "since each server started"
     sa, sb, sd = snap["servers"]
     assert (sa["url"], sa["up"], sa["prefix_cache_queries"], sa["prefix_cache_hits"]) == (
@@ -684,6 +685,7 @@ def test_duration_run_records_each_interval_and_plots(fakes: list[FakeVllm], tmp
     assert all(r["prefix_cache_queries"] == "100" and r["prefix_cache_hits"] == "40" for r in rows)
     assert all(r["hit_rate"] == "0.4" and r["up"] == "1" and r["restarted"] == "0" for r in rows)
     snap = json.loads(out.read_text())
+    validate("monitor", snap)
     assert snap["window"] == "since the monitor started"
     assert snap["servers"][0]["prefix_cache_queries"] == 100 * len(rows)
     assert snap["servers"][0]["hit_rate"] == 0.4
@@ -721,6 +723,7 @@ def test_ctrl_c_ends_cleanly_and_writes_the_snapshot(fakes: list[FakeVllm], tmp_
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     snap = json.loads(out.read_text())
+    validate("monitor", snap)
     assert snap["servers"][0]["hit_rate"] == 0.5
     assert (
         snap["servers"][0]["prefix_cache_queries"] % 64 == 0

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import run_script, validate
 
 import run_all_examples as runner
 from harness.engine import cpu_threads
@@ -15,12 +15,12 @@ from harness.errors import UserError
 
 def test_selection_keeps_the_order_given() -> None:
     assert [lesson.number for lesson in runner.select(["3", "1"])] == [3, 1]
-    assert [lesson.number for lesson in runner.select([])] == [1, 2, 3, 4]
+    assert [lesson.number for lesson in runner.select([])] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("bad", ["9", "0", "x", "-1", "1.5"])
 def test_selection_rejects_bad_numbers(bad: str) -> None:
-    with pytest.raises(UserError, match=f"unknown lesson '{bad}': choose from 1, 2, 3, 4"):
+    with pytest.raises(UserError, match=f"unknown lesson '{bad}': choose from 1, 2, 3, 4, 5"):
         runner.select([bad])
 
 
@@ -39,6 +39,7 @@ def test_run_lesson_1_with_report(tmp_path: Path) -> None:
     proc = run_script("run_all_examples.py", "1", "--quick", "--json", str(out), "--report", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
+    validate("runner", data)
     assert [e["example"] for e in data["examples"]] == ["stable_prefix_vs_timestamp"]
     assert data["wall_s"] > 0
     assert json.loads((report / "summary.json").read_text())["examples"] == data["examples"]

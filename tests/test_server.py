@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import run_script, validate
 
 from harness.backend import ServerBackend
 from harness.errors import UserError
@@ -26,7 +26,20 @@ def test_lesson1_quick_against_the_server(server: ServerProcess, tmp_path: Path)
         "stable_prefix_vs_timestamp.py", "--quick", "--endpoint", server.url, "--json", str(out)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # Not a terminal: each request as one plain line while it runs, no control codes.
+    assert "\x1b[" not in proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("  wrong #", "  right #"))]
+    assert [ln.split(":")[0].strip() for ln in lines] == [
+        "wrong #0",
+        "wrong #1",
+        "wrong #2",
+        "right #0",
+        "right #1",
+        "right #2",
+    ]
+    assert all(" = predicted " in ln for ln in lines)
     data = json.loads(out.read_text())
+    validate("lesson", data)
     assert data["engine"]["backend"] == "vllm-server"
     assert data["engine"]["block_size"] == 32
     for variant in data["variants"]:

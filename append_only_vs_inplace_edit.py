@@ -41,12 +41,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from rich.markup import escape
-from rich.table import Table
-
 from harness.backend import Backend, Message
 from harness.cli import exit_with, lesson_main
-from harness.console import console
+from harness.console import Table, console, escape
 from harness.errors import UserError
 from harness.explain import detect_hint
 from harness.explain.render import ChatRenderer

@@ -46,11 +46,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from rich.table import Table
-
 from harness.backend import Backend, Message
 from harness.cli import exit_with, lesson_main
-from harness.console import console
+from harness.console import Table, console
 from harness.errors import UserError
 from harness.measure import RequestRecord, SaltedCaches, VariantResult, roc_auc
 from harness.prefix import cached_tokens_for

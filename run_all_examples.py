@@ -27,11 +27,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from rich.table import Table
-
 from harness.backend import Backend
 from harness.cli import add_common_args, check_price_as, exit_with, open_backend
-from harness.console import console, err_console
+from harness.console import Table, console, err_console
 from harness.engine import machine_summary
 from harness.errors import UserError
 from harness.report import ExampleResult, check_json_target, show, write_json

@@ -7,6 +7,8 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
+from rich.markup import escape
+
 from harness.backend import Backend, OfflineBackend, ServerBackend
 from harness.console import console, err_console
 from harness.engine import EngineOptions, detect_device
@@ -187,7 +189,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     try:
         return main(argv)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

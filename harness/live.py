@@ -32,6 +32,7 @@ class LiveVariant:
         self.name = name
         self.total = total
         self.records: list[RequestRecord] = []
+        self.labels: dict[str, list[RequestRecord]] = {}
         self._live = live
 
     def hit_rate(self) -> float:
@@ -47,9 +48,22 @@ class LiveVariant:
             f"median TTFT {self.median_ttft_ms():,.0f} ms"
         )
 
+    def by_label(self) -> str:
+        """Per label (worker), its requests and hit rate so far, token-weighted."""
+        parts = []
+        for label in sorted(self.labels):
+            records = self.labels[label]
+            prompt = sum(r.prompt_tokens for r in records)
+            cached = sum(r.cached_tokens for r in records)
+            parts.append(f"{label}: {len(records)} req, hit {cached / prompt if prompt else 0.0:.1%}")
+        return "; ".join(parts)
+
     def add(self, record: RequestRecord, label: str | None = None) -> None:
-        """One completed request (``label``: e.g. the worker it went to)."""
+        """One completed request (``label``: e.g. the worker it went to; each label's hit rate
+        is shown too)."""
         self.records.append(record)
+        if label is not None:
+            self.labels.setdefault(label, []).append(record)
         if self._live is not None:
             self._live.update(self.render(), refresh=True)
             return
@@ -78,7 +92,10 @@ class LiveVariant:
                 ok,
                 f"{r.ttft_ms:,.0f}",
             )
-        return Group(table, Text(self.footer(), style="bold"))
+        lines = [table, Text(self.footer(), style="bold")]
+        if self.labels:
+            lines.append(Text(self.by_label()))
+        return Group(*lines)
 
 
 @contextmanager

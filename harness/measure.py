@@ -135,8 +135,10 @@ class Recorder:
     """
 
     def __init__(
-        self, cache: CacheModel, decode: Callable[[Sequence[int]], str], read_cache: bool = True
+        self, cache: CacheModel, decode: Callable[[Sequence[int]], str] | None, read_cache: bool = True
     ) -> None:
+        """``decode=None``: no tokenizer at hand (a fleet of servers); records then carry the
+        divergence position only, not its text."""
         self.cache = cache
         self.decode = decode
         self.read_cache = read_cache
@@ -156,7 +158,7 @@ class Recorder:
             prompt_ids = list(seen)  # predict from what the engine actually saw
             prediction = self._predict(prompt_ids)
         divergence = None
-        if self.read_cache and len(self.cache):
+        if self.read_cache and len(self.cache) and self.decode is not None:
             reference = self.cache.sequence(prediction.source if prediction.source is not None else -1)
             divergence = explain_divergence(prompt_ids, reference, self.decode)
         self.cache.record(prompt_ids, reply.output_token_ids or ())

@@ -1303,14 +1303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # A log has no width; the table needs about 170 columns to show every figure unclipped.
         console = Console(highlight=False, width=200)
-    try:
-        return run_monitor(argv, console)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from harness.cli import run_cli
+
+    return run_cli(lambda args: run_monitor(args, console), list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import httpx
 from harness.backend import (
     Message,
     PrefixCounters,
+    Reply,
     cached_tokens_of,
     metric_label,
     parse_prometheus,
@@ -53,18 +54,7 @@ class EndpointInfo:
     model: str
     block_size: int
     vllm_version: str
-
-
-@dataclass(frozen=True)
-class Served:
-    """One request's truth, as the worker that served it reported it."""
-
-    prompt_tokens: int
-    cached_tokens: int
-    ttft_ms: float
-    prompt_token_ids: list[int] | None
-    output_token_ids: list[int]
-    text: str
+    num_gpu_blocks: int | None = None  # its KV cache, in blocks (one is vLLM's reserved null block)
 
 
 class WorkerUnavailable(Exception):
@@ -102,7 +92,8 @@ def probe_endpoint(url: str, timeout: float = 10.0) -> EndpointInfo:
         version = str(json.loads(_get(base + "/version", timeout)).get("version", "unknown"))
     except (OSError, ValueError):
         version = "unknown"
-    return EndpointInfo(served[0], int(block), version)
+    blocks = metric_label(metrics, "vllm:cache_config_info", "num_gpu_blocks")
+    return EndpointInfo(served[0], int(block), version, int(blocks) if blocks and blocks.isdigit() else None)
 
 
 def base_url(url: str) -> str:
@@ -140,7 +131,7 @@ class AsyncWorkerClient:
         max_tokens: int = 1,
         headers: dict[str, str] | None = None,
         on_accepted: Callable[[], Awaitable[None]] | None = None,
-    ) -> Served:
+    ) -> Reply:
         """Stream one greedy chat completion; TTFT is the arrival of the first streamed token.
 
         ``on_accepted`` runs once the worker has accepted the request (its response headers
@@ -184,7 +175,7 @@ class AsyncWorkerClient:
             raise UserError(f"{self.url} refused the request: {message}") from exc
         if usage is None:
             raise WorkerUnavailable(f"{self.url}: the stream ended without usage (worker lost?)")
-        return Served(
+        return Reply(
             prompt_tokens=int(usage.prompt_tokens),
             cached_tokens=cached_tokens_of(usage, self.url),
             ttft_ms=ttft_ms,

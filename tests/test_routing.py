@@ -17,21 +17,23 @@ import pytest
 
 from harness.routing import (
     ROUTER_NAMES,
+    Arrival,
+    BoundedLoadHashRouter,
     ConsistentHashRouter,
-    LeastLoadedAffinityRouter,
     NoWorkersError,
+    PrefixAwareRouter,
     RandomRouter,
     RoundRobinRouter,
     Router,
     any_seen_fraction,
     arrival_schedule,
-    fixed_cycle_schedule,
+    busiest_share,
+    load_cap,
     make_router,
-    route_schedule,
     session_id,
+    session_number,
     stable_hash,
     sticky_fraction,
-    worker_loads,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,16 @@ MANY_SESSIONS = [session_id(i) for i in range(10_000)]
 
 def assignment(router: ConsistentHashRouter, sessions: list[str]) -> dict[str, str]:
     return {s: router.route(s, 0) for s in sessions}
+
+
+def fixed_cycle_schedule(sessions: int, turns: int) -> list[Arrival]:
+    """The dishonest order: turn 0 of every session, then turn 1 of every session, and so on."""
+    return [(float(t * sessions + s), session_id(s), t) for t in range(turns) for s in range(sessions)]
+
+
+def route_schedule(router: Router, schedule: list[Arrival]) -> list[tuple[str, str]]:
+    """``(session_id, worker)`` for each arrival, in order, as ``router`` decides them."""
+    return [(sid, router.route(sid, index)) for index, (_, sid, _) in enumerate(schedule)]
 
 
 # --- consistent hashing: the RIGHT router ----------------------------------------------------
@@ -237,12 +249,17 @@ def test_sticky_and_any_seen_fractions_count_follow_up_turns_only() -> None:
     assert any_seen_fraction([]) == 0.0
 
 
-def test_worker_loads_counts_requests_busiest_first() -> None:
-    loads = worker_loads([("a", "w2"), ("b", "w1"), ("c", "w2"), ("d", "w3"), ("e", "w1")])
-    assert list(loads.items()) == [("w1", 2), ("w2", 2), ("w3", 1)]
+def test_busiest_share_is_the_busiest_workers_share_of_the_requests() -> None:
+    assert busiest_share(["w2", "w1", "w2", "w3", "w1"]) == pytest.approx(2 / 5)
+    assert busiest_share(["w1"] * 12 + ["w2"] * 6) == pytest.approx(2 / 3)  # 4 sessions vs 2, 3 turns each
+    assert busiest_share([]) == 0.0
 
 
-# --- the optional third policy -----------------------------------------------------------------
+def test_session_number_inverts_session_id() -> None:
+    assert [session_number(session_id(i)) for i in (0, 7, 123)] == [0, 7, 123]
+
+
+# --- the load-aware policies ----------------------------------------------------------------
 
 
 def sessions_homed_on(worker: str, workers: list[str], count: int) -> list[str]:
@@ -252,50 +269,80 @@ def sessions_homed_on(worker: str, workers: list[str], count: int) -> list[str]:
     return found
 
 
-def test_least_loaded_affinity_is_consistent_hashing_when_load_is_even() -> None:
-    router = LeastLoadedAffinityRouter(WORKERS[:3])
+def test_load_cap_is_the_fair_share_times_the_factor_rounded_up_exactly() -> None:
+    assert load_cap(1.25, 6, 2) == 4  # 6 sessions on 2 workers: 3.75 -> 4
+    assert load_cap(1.25, 6, 4) == 2
+    assert load_cap(1.1, 10, 11) == 1  # 1.1 * 10 / 11 is 1 exactly, not a hair above
+    assert load_cap(1.25, 1, 32) == 1
+
+
+def test_bounded_load_hashing_is_consistent_hashing_when_the_ring_is_fair() -> None:
+    router = BoundedLoadHashRouter(WORKERS[:3])
     ring = ConsistentHashRouter(WORKERS[:3])
-    for index, s in enumerate(MANY_SESSIONS[:500] * 3):
-        worker = router.route(s, index)
-        assert worker == ring.route(s, 0)
-        router.finished(worker)  # one request at a time: nothing ever piles up
-    assert router.outstanding == {w: 0 for w in WORKERS[:3]}
+    sessions = MANY_SESSIONS[:600]
+    first = {s: router.route(s, i) for i, s in enumerate(sessions)}
+    assert all(router.route(s, 600 + i) == first[s] for i, s in enumerate(sessions))  # sticky
+    moved = [s for s in sessions if first[s] != ring.route(s, 0)]
+    # Only while the first few sessions are placed is the cap tight enough to overrule the ring.
+    assert len(moved) == 7
+    assert max(Counter(first.values()).values()) <= load_cap(1.25, 600, 3)
 
 
-def test_route_schedule_reports_each_request_finished_to_a_load_aware_router() -> None:
-    schedule = arrival_schedule(sessions=6, turns=5, seed=0, mean_think_s=20.0)
-    router = LeastLoadedAffinityRouter(WORKERS[:2], max_imbalance=0)
-    routed = route_schedule(router, schedule)
-    assert sticky_fraction(routed) == 1.0  # nothing piles up, so nothing is moved
-    assert router.outstanding == {w: 0 for w in WORKERS[:2]}
-
-
-def test_least_loaded_affinity_spills_an_overloaded_worker_and_then_stays() -> None:
+def test_bounded_load_hashing_caps_a_crowded_worker_and_keeps_its_sessions_sticky() -> None:
     home, other = WORKERS[0], WORKERS[1]
-    crowd = sessions_homed_on(home, WORKERS[:2], 4)
-    router = LeastLoadedAffinityRouter(WORKERS[:2], max_imbalance=2)
-    # Three in flight on home is 3 more than the idle worker: the fourth session spills.
-    assert [router.route(s, i) for i, s in enumerate(crowd)] == [home, home, home, other]
-    assert router.outstanding == {home: 3, other: 1}
-    # The spilled session's freshest prefix is now on `other`: it stays there when load evens out.
-    for _ in range(3):
-        router.finished(home)
-    router.finished(other)
-    assert router.route(crowd[3], 4) == other
-    assert router.route(crowd[0], 5) == home
+    crowd = sessions_homed_on(home, WORKERS[:2], 6)  # the plain ring puts all six on one worker
+    router = BoundedLoadHashRouter(WORKERS[:2], balance_factor=1.25)
+    placed = [router.route(s, i) for i, s in enumerate(crowd)]
+    # caps as sessions arrive: ceil(1.25 k / 2) = 1, 2, 2, 3, 4, 4
+    assert placed == [home, home, other, home, home, other]
+    assert [router.route(s, 10 + i) for i, s in enumerate(crowd)] == placed  # and they stay
 
 
-def test_least_loaded_affinity_survives_a_worker_leaving() -> None:
-    router = LeastLoadedAffinityRouter(WORKERS[:3])
+def test_bounded_load_hashing_moves_only_the_sessions_of_a_leaving_worker() -> None:
+    router = BoundedLoadHashRouter(WORKERS[:3])
+    before = {s: router.route(s, 0) for s in MANY_SESSIONS[:300]}
     gone = WORKERS[2]
-    mine = sessions_homed_on(gone, WORKERS[:3], 5)
-    for i, s in enumerate(mine):
-        router.finished(router.route(s, i))
     router.remove_worker(gone)
-    ring = ConsistentHashRouter(WORKERS[:2])
-    assert [router.route(s, 10 + i) for i, s in enumerate(mine)] == [ring.route(s) for s in mine]
-    with pytest.raises(ValueError, match="no outstanding request"):
-        router.finished(gone)
+    after = {s: router.route(s, 1) for s in MANY_SESSIONS[:300]}
+    assert {s for s in before if before[s] != after[s]} == {s for s in before if before[s] == gone}
+
+
+def test_prefix_aware_sends_a_turn_where_its_history_is_cached() -> None:
+    router = PrefixAwareRouter(WORKERS[:3], block_size=4)
+    system = list(range(100, 108))  # two blocks every session shares
+    a0, b0 = system + [1] * 8, system + [2] * 8
+    assert router.route("a", 0, a0) == WORKERS[0]  # nothing cached anywhere: the first worker
+    # Worker 0 holds b's system prompt, but 2 sessions on 3 workers cap each at ceil(1.25 * 2 / 3) = 1.
+    assert router.route("b", 1, b0) == WORKERS[1]
+    assert router.route("a", 2, a0 + [9] * 4) == WORKERS[0]  # its whole history is there
+    assert router.route("b", 3, b0 + [9] * 4) == WORKERS[1]
+    assert router.cached_tokens(WORKERS[0], a0 + [9] * 4) == 16
+    assert router.cached_tokens(WORKERS[1], a0 + [9] * 4) == 8  # b's system prompt, nothing of a
+    assert router.cached_tokens(WORKERS[2], a0 + [9] * 4) == 0
+
+
+def test_prefix_aware_respects_the_load_bound_and_the_spilled_session_then_stays() -> None:
+    router = PrefixAwareRouter(WORKERS[:2], block_size=4, balance_factor=1.25)
+    system = list(range(100, 108))
+    prompts = {s: system + [s] * 8 for s in range(5)}
+    placed = [router.route(session_id(s), s, prompts[s]) for s in range(5)]
+    # The shared system prompt pulls new sessions to worker 0 until the cap (ceil(1.25 k / 2): 1, 2,
+    # 2, 3, 4) stops the third; once worker 1 holds the system prompt too, a tie goes to the less loaded.
+    assert placed == [WORKERS[0], WORKERS[0], WORKERS[1], WORKERS[1], WORKERS[0]]
+    # Session 2 spilled to worker 1; its history is there now, so its next turn follows it.
+    assert router.route(session_id(2), 5, prompts[2] + [7] * 4) == WORKERS[1]
+
+
+def test_prefix_aware_keeps_cache_namespaces_apart_and_survives_a_worker_leaving() -> None:
+    router = PrefixAwareRouter(WORKERS[:2], block_size=4)
+    prompt = list(range(16))
+    router.route("a", 0, prompt, salt="tenant-1")
+    assert router.cached_tokens(WORKERS[0], prompt, salt="tenant-1") == 12
+    assert router.cached_tokens(WORKERS[0], prompt, salt="tenant-2") == 0  # salted: shares nothing
+    router.remove_worker(WORKERS[0])
+    assert router.route("a", 1, prompt, salt="tenant-1") == WORKERS[1]
+    with pytest.raises(ValueError, match="balance_factor"):
+        PrefixAwareRouter(WORKERS[:2], balance_factor=0.9)
 
 
 # --- construction and errors -------------------------------------------------------------------

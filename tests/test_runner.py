@@ -48,3 +48,42 @@ def test_run_lesson_1_with_report(tmp_path: Path) -> None:
         assert f"]({png})" in (report / "report.md").read_text()
     assert f"{cpu_threads()} usable cores" in data["machine"]
     assert f"Machine: {data['machine']}." in (report / "report.md").read_text()
+
+
+def test_scripts_restart_in_the_project_venv_from_a_bare_python(tmp_path: Path) -> None:
+    """A reader's own Python without vLLM (here: a new, empty virtual environment) runs the
+    runner and the explainer: they restart themselves in .venv, and that Python gains nothing."""
+    import os
+    import subprocess
+    import sys
+    import venv
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv here: this checkout was set up with --in-place")
+    bare = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(bare)
+    env = {k: v for k, v in os.environ.items() if k != "KVCACHE_LESSONS_NO_VENV"}
+    for args in (["run_all_examples.py", "--list"], ["-m", "harness.explain", "--help"]):
+        proc = subprocess.run(
+            [str(bare / "bin" / "python"), *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        "prefix_cache_isolation"
+        in subprocess.run(
+            [str(bare / "bin" / "python"), "run_all_examples.py", "--list"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        ).stdout
+    )
+    assert not list((bare / "lib").glob("python*/site-packages/rich"))
+    assert sys.prefix != str(bare)

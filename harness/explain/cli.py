@@ -8,9 +8,11 @@ with exit status 2, before vLLM is imported; ``--verify`` exits 1 when the engin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.errors import UserError
 from harness.explain.analyze import (
@@ -150,11 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress(console: object, total: int, label: str):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _progress(console: Any, total: int, label: str) -> Iterator[Callable[[object], None]]:
+    """A bar on stderr while ``total`` items go by; yields the function that advances it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=console, transient=True)  # type: ignore[arg-type]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda _item: bar.advance(task)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,15 +221,9 @@ def run(args: argparse.Namespace) -> int:
             trust_request_chat_template=args.trust_request_chat_template,
             exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         )
-    with _progress(err, len(requests), "rendering and looking up") as bar:
-        task = bar.add_task("explain", total=len(requests))
+    with _progress(err, len(requests), "rendering and looking up") as advance:
         explanations = explain_requests(
-            requests,
-            renderer,
-            block_size,
-            args.context,
-            scope=args.scope,
-            on_request=lambda _e: bar.advance(task),
+            requests, renderer, block_size, args.context, scope=args.scope, on_request=advance
         )
 
     verified = None
@@ -252,15 +252,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             replay = EngineReplay(backend)
         try:
-            with _progress(err, len(requests), "replaying on the engine") as bar:
-                task = bar.add_task("verify", total=len(requests))
-                verified = verify(
-                    requests,
-                    explanations,
-                    replay,
-                    args.scope,
-                    on_request=lambda _v: bar.advance(task),  # type: ignore[arg-type]
-                )
+            with _progress(err, len(requests), "replaying on the engine") as advance:
+                verified = verify(requests, explanations, replay, args.scope, on_request=advance)  # type: ignore[arg-type]
         finally:
             if backend is not None:
                 backend.close()
@@ -306,12 +299,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. User errors print one line (``error: ...``) and return their exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from harness.cli import run_cli
+
+    return run_cli(
+        lambda args: run(build_parser().parse_args(args)), list(argv) if argv is not None else None
+    )

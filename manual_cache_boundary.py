@@ -8,10 +8,9 @@ home-built loop around ``model.forward``. There every request recomputes its who
 
 WRONG (no caching): the real vLLM engine, told to reuse nothing. Every request is sent with
 vLLM's per-request switch ``SamplingParams(skip_reading_prefix_cache=True)``: the scheduler
-skips the prefix-cache lookup, so the request prefills every token from scratch, exactly as on
-an engine started with ``enable_prefix_caching=False`` (same kernels, same engine, one engine
-start less); the engine reports 0 cached tokens and 0 lookups. Against a server, where the HTTP
-API has no such switch, each request gets a ``cache_salt`` of its own, which nothing matches.
+skips the prefix-cache lookup and the request prefills every token, exactly as on an engine
+started with ``enable_prefix_caching=False``, without starting a second engine (against a
+server: a ``cache_salt`` of its own per request, which nothing matches).
 
 RIGHT (manual breakpoint): the prompt builder ends the stable part with a marker,
 ``// __CACHE_END__``, which promises "everything before me is identical on every request". A
@@ -19,25 +18,33 @@ small cache-aware engine (``harness.manual_cache``, transformers, the same model
 prompt at the marker, removes the marker so the model never sees it, computes the KV of the
 stable part once, keeps it in a bounded store keyed by a hash of its token IDs, and for every
 later request runs only the question on a copy of it. The greedy output must be exactly what a
-full recompute gives; the script checks that on every request and says so.
+full recompute gives; the lesson checks that.
 
 APC (for comparison): vLLM with automatic prefix caching, the marker stripped. It needs no
 marker, but it reuses whole blocks only: the stable tokens in the last, partial block before the
-marker are recomputed every time. Padding the stable part to a block boundary makes the cached
-prefix end exactly at the marker, and pre-warming (one request with the stable part alone, sent
-before the first user) makes the first question a hit too. Both are run on the engine
-(``apc_aligned``), and every APC request's cached tokens are checked against the harness's
-prediction.
+marker are recomputed every time. ``apc_aligned`` pads the stable part to a block boundary, so
+the cached prefix ends exactly at the marker, and pre-warms (one request with the stable part
+alone, before the first user), so the first question is a hit too.
+
+The two cache rules, side by side; the harness predicts every request with its engine's rule
+before sending it, and the engine's own count must match on every request:
+
+* APC, whole blocks, chained (``harness.prefix.PrefixCacheModel``): a prompt of L tokens sharing
+  its first P with something cached gets B * floor(min(P, L - 1) / B) tokens served.
+* The breakpoint, all or nothing at the marker (``harness.manual_cache.BreakpointCacheModel``):
+  a prompt whose S tokens before the marker an earlier request stored gets all S; otherwise 0.
 
 The misuse the marker exists to prevent: text before the marker that changes between requests
-(here a retrieval timestamp slipped into the reference documents' header). The manual engine
-warns with the first differing token and the request is a full miss: a breakpoint cache is all
-or nothing, while APC still serves the whole blocks before the change. ``--no-demo-misuse``
-leaves that request out.
+(a retrieval timestamp in the documents' header). The breakpoint engine warns with the first
+differing token and serves nothing; APC still serves the whole blocks before the change.
 
-The same marker maps onto provider APIs: Anthropic's ``cache_control`` on a content block is
-this breakpoint; OpenAI caches long prompts automatically (in 128-token steps), so there the
-layout itself, stable part first, is the breakpoint.
+Two engines, so two ratios: the headline speedup sets the breakpoint engine (transformers)
+against vLLM without caching; the same-engine one sets transformers with the stored prefix
+against transformers recomputing the same requests in full. Every variant's hit rate and TTFT
+cover the same requests: the questions and the misuse (``apc_aligned``'s pre-warm is not counted).
+
+On provider APIs the marker is Anthropic's ``cache_control`` breakpoint; OpenAI caches long
+prompts automatically, so there the layout itself, stable part first, is the breakpoint.
 
 Run:
     python manual_cache_boundary.py                      # 8 questions + 1 misuse, default model
@@ -48,25 +55,36 @@ Run:
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
-
-from harness.backend import Backend, Message
+from harness.backend import Backend, Message, PrefixCounters
 from harness.cli import exit_with, lesson_main
-from harness.console import console
+from harness.console import Panel, Table, console, escape, mark
 from harness.errors import UserError
-from harness.manual_cache import CACHE_MARKER, ManualCacheEngine, ManualReply, strip_marker
+from harness.manual_cache import (
+    CACHE_MARKER,
+    BreakpointBackend,
+    ExactnessCheck,
+    KVMemory,
+    ManualCacheEngine,
+    ManualReply,
+    check_exactness,
+    strip_marker,
+)
 from harness.measure import RequestRecord, VariantResult, run_variants
 from harness.model import resolve_model
-from harness.prefix import cached_tokens_for, common_prefix_len, explain_divergence
+from harness.prefix import cached_tokens_for
 from harness.report import ExampleResult, divergence_panel
 from harness.scenario import SimulatedClock, system_prompt
+from harness.scenario_documents import (
+    DOCUMENTS_HEADER,
+    MISUSE_DELAY_S,
+    MISUSE_QUESTION,
+    QUESTIONS,
+    documents_body,
+)
 
 EXAMPLE = "manual_cache_boundary"
 # The per-request column the tables add (run_all_examples.py passes it to report.show too).
@@ -78,58 +96,9 @@ DEFAULT_CHECK_TOKENS = 8
 # no-caching engine. A few warm requests spread over the run show it; 0 checks every request.
 DEFAULT_EXACTNESS_CHECKS = 3
 PAD_UNIT = " ."  # one token per copy after ordinary text (the search below does not rely on it)
-VARIANT_ORDER = ("wrong", "right", "apc", "apc_aligned")
+QUESTION, MISUSE, PREWARM = "question", "misuse", "pre-warm"  # what each request is
 
-# --------------------------------------------------------------------------- the request set
-
-DOCS_HEADER = "Reference documents:"
-MISUSE_HEADER = "Reference documents (retrieved {stamp}):"  # the timestamp that must not be here
-
-REFERENCE_DOCUMENTS: list[tuple[str, str]] = [
-    (
-        "services/billing/README.md",
-        "The billing service turns usage records into invoices. money.py holds round_amount and "
-        "the currency table; invoice.py builds invoices and their totals; tax.py computes VAT per "
-        "country from the rates in tax_rates.yaml. Invoice totals are rounded once, at the end, "
-        "with ROUND_HALF_UP to the currency's minor unit; line items are never rounded on their "
-        "own. Supported currencies: EUR, USD, GBP and CHF with 2 decimal places, JPY with 0. Run "
-        "the tests with `pytest services/billing/tests`; `-k invoice` runs only the invoice tests.",
-    ),
-    (
-        "docs/runbooks/billing.md",
-        "Wrong invoice totals in production: page the billing on-call (PagerDuty service "
-        "billing-primary, Slack #billing-oncall), then stop the nightly export by turning the flag "
-        "billing.invoice_export off. Do not edit issued invoices; corrections are credit notes "
-        "created with scripts/credit_note.py. A release is rolled back with `deploy rollback "
-        "billing`, never by force-pushing to main. After the incident, add a regression test next "
-        "to the failing one and link the incident in CHANGELOG.md.",
-    ),
-    (
-        "services/billing/flags.yaml",
-        "billing.invoice_export: on (nightly export of issued invoices to the ledger)\n"
-        "billing.tax_v2: off (new VAT engine, shadow mode only)\n"
-        "billing.multi_currency_credit: off (credit notes in a currency other than the invoice's)\n"
-        "billing.strict_rounding_checks: on (fail the build when a total differs from the sum of "
-        "its rounded parts by more than one minor unit)",
-    ),
-]
-
-QUESTIONS = [
-    "Which tool do I use to read services/billing/money.py?",
-    "What rounding mode must invoice totals use?",
-    "How do I run only the invoice tests?",
-    "Who do I page when invoice totals are wrong in production?",
-    "Which currencies does the billing service support?",
-    "May I force-push to main to undo a bad release?",
-    "Which feature flag stops the nightly invoice export?",
-    "How many decimal places does JPY use?",
-    "What is the longest a shell command may run?",
-    "Where is the VAT calculation implemented?",
-    "What must I do before editing a file?",
-    "How do I correct an invoice that was already issued?",
-]
-MISUSE_QUESTION = "Is the new VAT engine switched on?"
-MISUSE_DELAY_S = 437.0  # how long after the first request the misuse request is built
+# --------------------------------------------------------------------------- WRONG and RIGHT
 
 
 def stable_part(quick: bool, stamp: str | None = None) -> str:
@@ -138,10 +107,8 @@ def stable_part(quick: bool, stamp: str | None = None) -> str:
     ``stamp`` builds the misuse: a retrieval time in the documents' header, which makes this
     "stable" text different on every request that carries it.
     """
-    docs = REFERENCE_DOCUMENTS[:1] if quick else REFERENCE_DOCUMENTS
-    header = DOCS_HEADER if stamp is None else MISUSE_HEADER.format(stamp=stamp)
-    body = "\n\n".join(f"--- {path}\n{text}" for path, text in docs)
-    return f"{system_prompt(quick)}\n\n{header}\n{body}"
+    header = DOCUMENTS_HEADER if stamp is None else f"{DOCUMENTS_HEADER} (retrieved {stamp})"
+    return f"{system_prompt(quick)}\n\n{header}:\n{documents_body(quick)}"
 
 
 def chat_request(stable: str, question: str, marker: str, padding: str = "") -> list[Message]:
@@ -173,15 +140,15 @@ def build_requests(
     requests, kinds = [], []
     if prewarm:
         requests.append(chat_request(stable, "", marker, padding))
-        kinds.append("pre-warm")
+        kinds.append(PREWARM)
     for question in QUESTIONS[:questions]:
         requests.append(chat_request(stable, question, marker, padding))
-        kinds.append("question")
+        kinds.append(QUESTION)
     if misuse:
         stamp = SimulatedClock().advance(MISUSE_DELAY_S)
         stamped = stable_part(quick, stamp.strftime("%Y-%m-%d %H:%M:%S UTC"))
         requests.append(chat_request(stamped, MISUSE_QUESTION, marker, padding))
-        kinds.append("misuse")
+        kinds.append(MISUSE)
     return RequestSet(requests, kinds)
 
 
@@ -209,6 +176,7 @@ class Settings:
     misuse: bool
     check_tokens: int
     exactness_checks: int  # 0: every request
+    auto_boundary: bool  # also run the breakpoint with the marker the span detector places
 
 
 def add_lesson_args(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +206,12 @@ def add_lesson_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CHECK_TOKENS,
         help="new tokens the manual engine generates per request, with the stored prefix and with a "
         f"full recompute, to check they are identical (default {DEFAULT_CHECK_TOKENS})",
+    )
+    g.add_argument(
+        "--auto-boundary",
+        action="store_true",
+        help="also run the breakpoint engine with the marker placed by the explainer's span detector "
+        "(where the requests start to differ) instead of by hand, and show both hit rates",
     )
     g.add_argument(
         "--exactness-checks",
@@ -276,381 +250,453 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UserError(
             f"--marker {marker!r} occurs in the prompt text itself; choose a string that does not"
         )
-    return Settings(questions, marker, bool(args.demo_misuse), int(args.check_tokens), int(checks))
+    return Settings(
+        questions,
+        marker,
+        bool(args.demo_misuse),
+        int(args.check_tokens),
+        int(checks),
+        bool(getattr(args, "auto_boundary", False)),
+    )
 
 
-# --------------------------------------------------------------------------- measuring
+# --------------------------------------------------------------------------- run
 
 
-LABELS = {
-    "wrong": "no caching: vLLM, prefix-cache reads off per request, recomputes every prompt",
-    "right": "manual breakpoint: keep the KV before the marker, run only the question (transformers)",
-    "apc": "vLLM automatic prefix caching, marker stripped",
-    "apc_aligned": "vLLM APC, stable part padded to a block boundary and pre-warmed with one request",
+@dataclass(frozen=True)
+class Variant:
+    engine: str  # for the overview table
+    label: str  # one line saying what the variant does
+
+
+VARIANTS = {
+    "wrong": Variant(
+        "vLLM, no prefix caching",
+        "no caching: vLLM, prefix-cache reads off per request, recomputes every prompt",
+    ),
+    "right": Variant(
+        "transformers + breakpoint",
+        "manual breakpoint: keep the KV before the marker, run only the question (transformers)",
+    ),
+    "right_auto": Variant(
+        "transformers + found breakpoint",
+        "manual breakpoint at the place the span detector found (where the requests differ), not by hand",
+    ),
+    "apc": Variant("vLLM APC", "vLLM automatic prefix caching, marker stripped"),
+    "apc_aligned": Variant(
+        "vLLM APC, aligned",
+        "vLLM APC, stable part padded to a block boundary and pre-warmed with one request",
+    ),
 }
 
 
-def measure_no_caching(backend: Backend, requests: RequestSet, marker: str, max_tokens: int) -> VariantResult:
-    """WRONG: every request on the vLLM engine with prefix-cache reads switched off."""
-    (measured,) = run_variants(
-        backend, [("wrong", LABELS["wrong"], requests.stripped(marker))], max_tokens, read_cache=False
-    )
-    label_kinds(measured.requests, requests.kinds)
-    return measured
+@dataclass(frozen=True)
+class Measured:
+    """One variant's records beside the request set it sent, so requests are found by kind."""
+
+    result: VariantResult
+    sent: RequestSet
+
+    def records(self, *kinds: str) -> list[RequestRecord]:
+        return [r for r, k in zip(self.result.requests, self.sent.kinds, strict=True) if k in kinds]
+
+    def compared(self) -> VariantResult:
+        """The requests every variant sends, the questions and the misuse: what the comparison covers."""
+        return VariantResult(self.result.name, self.result.label, self.records(QUESTION, MISUSE))
 
 
-def label_kinds(records: Sequence[RequestRecord], kinds: Sequence[str]) -> None:
-    for record, kind in zip(records, kinds, strict=True):
+def measure(
+    backend: Backend,
+    name: str,
+    sent: RequestSet,
+    messages: Sequence[Sequence[Message]],
+    max_tokens: int,
+    read_cache: bool = True,
+) -> Measured:
+    """One variant through the one measuring step (predict, send, record), from a cold cache."""
+    (result,) = run_variants(backend, [(name, VARIANTS[name].label, messages)], max_tokens, read_cache)
+    for record, kind in zip(result.requests, sent.kinds, strict=True):
         record.extra["request"] = kind
+    return Measured(result, sent)
 
 
-def measure_manual(
-    manual: ManualCacheEngine, requests: RequestSet, check_tokens: int
-) -> tuple[VariantResult, list[ManualReply]]:
-    """RIGHT: every request through the breakpoint engine, from an empty store."""
-    manual.reset()
-    stored: list[list[int]] = []  # stable parts the store holds (it is large enough to keep all)
-    records: list[RequestRecord] = []
-    replies: list[ManualReply] = []
-    with console.status("manual breakpoint engine ...") as status:
-        for index, (messages, kind) in enumerate(zip(requests.requests, requests.kinds, strict=True)):
-            status.update(f"manual breakpoint engine: request {index + 1} of {len(requests.requests)}")
-            prompt = manual.prepare(messages)
-            # The prediction: the stable part is served when this exact stable part was stored
-            # before; the breakpoint engine reuses all of it or nothing.
-            predicted = prompt.prefix_len if prompt.prefix_ids in stored else 0
-            reply = manual.generate(messages, max_new_tokens=check_tokens)
-            reference = max(stored, key=lambda s: common_prefix_len(reply.prompt_ids, s), default=None)
-            extra: dict[str, Any] = {"request": kind, "stable_tokens": reply.prefix_tokens}
-            if reply.warnings:
-                extra["warnings"] = reply.warnings
-            records.append(
-                RequestRecord(
-                    index=index,
-                    prompt_tokens=reply.prompt_tokens,
-                    cached_tokens=reply.cached_tokens,
-                    predicted_cached_tokens=predicted,
-                    ttft_ms=reply.ttft_ms,
-                    first_divergence=common_prefix_len(reply.prompt_ids, reference) if reference else 0,
-                    divergence=(
-                        explain_divergence(reply.prompt_ids, reference, manual.decode) if reference else None
-                    ),
-                    extra=extra,
-                )
-            )
-            replies.append(reply)
-            if reply.prefix_tokens and prompt.prefix_ids not in stored:
-                stored.append(prompt.prefix_ids)
-    return VariantResult("right", LABELS["right"], records), replies
-
-
-def exactness_sample(records: Sequence[RequestRecord], checks: int) -> list[int]:
-    """Which requests to recompute: ``checks`` of the warm ones (those the store served), evenly
-    spread from the first to the last; all of them when ``checks`` is 0 or covers them."""
-    warm = [r.index for r in records if r.cached_tokens > 0]
-    if checks == 0 or not warm:
-        return [r.index for r in records]
-    if checks >= len(warm):
-        return warm
-    if checks == 1:
-        return [warm[-1]]
-    step = (len(warm) - 1) / (checks - 1)
-    return [warm[round(k * step)] for k in range(checks)]
-
-
-def check_exactness(
-    manual: ManualCacheEngine,
-    requests: RequestSet,
-    variant: VariantResult,
-    replies: list[ManualReply],
-    new_tokens: int,
-    checks: int,
-) -> dict[str, Any]:
-    """Run requests again with a full prefill and no store; the outputs must be identical."""
-    identical = 0
-    full_ttfts: list[float] = []
-    sample = exactness_sample(variant.requests, checks)
-    with console.status("exactness check: full recompute ...") as status:
-        for done, index in enumerate(sample, 1):
-            record, messages, reply = variant.requests[index], requests.requests[index], replies[index]
-            status.update(f"exactness check {done} of {len(sample)}: request {index + 1}, full recompute")
-            baseline = manual.generate_uncached(messages, max_new_tokens=new_tokens)
-            same = baseline.prompt_ids == reply.prompt_ids and baseline.output_ids == reply.output_ids
-            identical += same
-            full_ttfts.append(baseline.ttft_ms)
-            record.extra["identical_to_full_recompute"] = same
-            record.extra["full_recompute_ttft_ms"] = round(baseline.ttft_ms, 3)
-    full_median = statistics.median(full_ttfts)
-    return {
-        "requests": len(sample),
-        "of_requests": len(replies),
-        "identical": identical,
-        "all_identical": identical == len(sample),
-        "new_tokens": new_tokens,
-        "full_recompute_ttft_ms_median": round(full_median, 3),
-        "store_speedup_median": round(full_median / variant.summary()["ttft_ms_median"], 3),
-    }
-
-
-def kv_memory(manual: ManualCacheEngine, stable_ids: list[int]) -> dict[str, Any]:
-    """Bytes per token from the model's config, checked against the stored prefix's tensors."""
-    entry = next(e for e in manual.store.entries() if list(e.token_ids) == stable_ids)
-    check = manual.kv_size_check(entry)
-    text_config = (
-        manual.config.get_text_config() if hasattr(manual.config, "get_text_config") else manual.config
-    )
-    return {
-        "bytes_per_token": check.formula_bytes_per_token,
-        "bytes_per_token_measured": check.measured_bytes_per_token,
-        "formula_matches_tensors": check.ok,
-        "layers": int(text_config.num_hidden_layers),
-        "dtype": str(manual.model.dtype).removeprefix("torch."),
-        "stable_prefix_tokens": check.tokens,
-        "stable_prefix_bytes": check.measured_bytes,
-        "store": manual.stats(),
-    }
-
-
-def marker_report(
-    stable_tokens: int,
-    aligned_tokens: int,
-    padding: str,
-    block_size: int,
-    apc: VariantResult,
-    aligned: VariantResult,
-) -> dict[str, Any]:
-    """Where the marker sat, what APC served of the stable part, and what alignment changed."""
-
-    def warm_hits(variant: VariantResult) -> list[int]:
-        # Cached tokens of the questions sent after the stable part had been computed once.
-        sent = [r for r in variant.requests if r.extra.get("request") != "misuse"]
-        return [r.cached_tokens for r in sent[1:] if r.extra.get("request") == "question"]
-
-    apc_hits, aligned_hits = warm_hits(apc), warm_hits(aligned)
-    first_question = next(r for r in aligned.requests if r.extra.get("request") == "question")
-    long_prompt = stable_tokens + block_size  # any prompt that goes on past the marker
-    exact_to_marker = cached_tokens_for(long_prompt, stable_tokens, block_size)
-    return {
-        "marker_at_token": stable_tokens,
-        "block_size": block_size,
-        "served_if_matching_exactly_to_marker": exact_to_marker,
-        "lost_to_block_rounding": stable_tokens - exact_to_marker,
-        "apc_cached_on_hits": sorted(set(apc_hits)),
-        "apc_stable_tokens_recomputed": max(0, stable_tokens - min(apc_hits)) if apc_hits else None,
-        "padding_text": padding,
-        "padding_tokens": aligned_tokens - stable_tokens,
-        "aligned_marker_at_token": aligned_tokens,
-        "aligned_cached_on_hits": sorted(set(aligned_hits)),
-        "aligned_first_question_cached": first_question.cached_tokens,
-        "apc_first_question_ttft_ms": round(apc.requests[0].ttft_ms, 3),
-        "aligned_first_question_ttft_ms": round(first_question.ttft_ms, 3),
-    }
-
-
-def misuse_report(variants: Sequence[VariantResult]) -> dict[str, Any] | None:
-    """The misuse request as each engine saw it."""
-    right = next(v for v in variants if v.name == "right")
-    record = next((r for r in right.requests if r.extra.get("request") == "misuse"), None)
-    if record is None:
-        return None
-    warnings = [w for w in record.extra.get("warnings", []) if "stable part changed" in w]
-    out: dict[str, Any] = {
-        "request_index": record.index,
-        "stable_tokens": record.extra["stable_tokens"],
-        "divergence_index": record.first_divergence,
-        "divergence": asdict(record.divergence) if record.divergence else None,
-        "warning": warnings[0] if warnings else None,
-        "cached_tokens": {},
-    }
-    for v in variants:
-        misuse = next(r for r in v.requests if r.extra.get("request") == "misuse")
-        out["cached_tokens"][v.name] = misuse.cached_tokens
-    return out
+def measure_breakpoint(
+    args: argparse.Namespace, settings: Settings, sent: RequestSet, loaded: ManualCacheEngine | None
+) -> tuple[Measured, ExactnessCheck, BreakpointBackend]:
+    """RIGHT on the breakpoint engine (``loaded``: one already loaded, tests pass it), then the same
+    requests recomputed in full on the same engine: the output must not change, the time does."""
+    model = resolve_model(getattr(args, "model", None))
+    marker, tokens = settings.marker, settings.check_tokens
+    if loaded is None:
+        with console.status(f"loading {model.display_name} with transformers for the breakpoint engine ..."):
+            loaded = ManualCacheEngine(model.name_or_path, marker, threads=getattr(args, "threads", None))
+    elif loaded.marker != marker:
+        raise ValueError(f"the manual engine splits at {loaded.marker!r}, the requests use {marker!r}")
+    manual = BreakpointBackend(loaded, model.display_name)
+    right = measure(manual, "right", sent, sent.requests, tokens)
+    manual.annotate(right.result.requests)
+    with console.status("exactness check: the same requests, full recompute ..."):
+        exactness = check_exactness(loaded, sent.requests, manual.replies, tokens, settings.exactness_checks)
+    exactness.annotate(right.result.requests)
+    return right, exactness, manual
 
 
 def run(
-    backend: Backend,
-    args: argparse.Namespace,
-    *,
-    manual: ManualCacheEngine | None = None,
-) -> ExampleResult:
-    """All four variants on one request set. ``backend`` must have prefix caching on (APC); WRONG
-    runs on it too, with prefix-cache reads off. ``manual``: a loaded breakpoint engine to reuse
-    (tests do)."""
+    backend: Backend, args: argparse.Namespace, *, manual: ManualCacheEngine | None = None
+) -> BoundaryResult:
+    """All four variants on one request set, each from an empty cache, in the order no caching,
+    breakpoint, APC, APC aligned. ``backend`` must have prefix caching on (APC); WRONG runs on it
+    too, with prefix-cache reads off. ``manual``: a loaded breakpoint engine to reuse (tests do)."""
     settings = settings_from(args)
-    model = resolve_model(getattr(args, "model", None))
     plain = build_requests(settings.questions, args.quick, settings.marker, settings.misuse)
+    stripped = plain.stripped(settings.marker)
+    wrong = measure(backend, "wrong", plain, stripped, args.max_tokens, read_cache=False)
+    right, exactness, manual_backend = measure_breakpoint(args, settings, plain, manual)
+    engine = manual_backend.engine
+    # read before the found-marker run below empties the store
+    kv_memory = engine.kv_memory(engine.prepare(plain.requests[0]).prefix_ids)
+    model_path = resolve_model(getattr(args, "model", None)).name_or_path
+    auto = (
+        measure_auto_boundary(settings, plain, manual_backend, model_path) if settings.auto_boundary else None
+    )
+
+    def stable_tokens(text: str) -> int:
+        return engine.prepare(chat_request(text, "?", settings.marker)).prefix_len
+
+    stable, block_size = stable_part(args.quick), backend.info.block_size
+    padding = block_padding(stable, block_size, stable_tokens)
+    aligned_set = build_requests(
+        settings.questions, args.quick, settings.marker, settings.misuse, padding=padding, prewarm=True
+    )
+    apc = measure(backend, "apc", plain, stripped, args.max_tokens)
+    aligned_stripped = aligned_set.stripped(settings.marker)
+    aligned = measure(backend, "apc_aligned", aligned_set, aligned_stripped, args.max_tokens)
+
+    # With reads off vLLM makes no cache lookups, so its counters stay at 0 queries and 0 hits:
+    # evidence that nothing was reused, but not comparable with the prompt tokens sent.
+    no_caching_counters = wrong.result.counters
+    wrong = replace(wrong, result=replace(wrong.result, counters=None))
+    measured = [wrong, right, *([auto[0]] if auto else []), apc, aligned]
     notes = [
         f"{settings.questions} questions on one stable part"
         + (", then 1 misuse request" if settings.misuse else "")
         + "; each variant starts from an empty cache, in the order no caching, manual, APC, APC aligned",
     ]
-    no_caching = measure_no_caching(backend, plain, settings.marker, args.max_tokens)
-    if manual is None:
-        with console.status(f"loading {model.display_name} with transformers for the breakpoint engine ..."):
-            manual = ManualCacheEngine(
-                model.name_or_path, settings.marker, threads=getattr(args, "threads", None)
-            )
-    elif manual.marker != settings.marker:
-        raise ValueError(
-            f"the manual engine splits at {manual.marker!r}, the requests use {settings.marker!r}"
-        )
-    right, replies = measure_manual(manual, plain, settings.check_tokens)
-    exactness = check_exactness(
-        manual, plain, right, replies, settings.check_tokens, settings.exactness_checks
-    )
-    stable_ids = manual.prepare(plain.requests[0]).prefix_ids
-    memory = kv_memory(manual, stable_ids)
-
-    block_size = backend.info.block_size
-    stable = stable_part(args.quick)
-
-    def stable_tokens(text: str) -> int:
-        return manual.prepare(chat_request(text, "?", settings.marker)).prefix_len
-
-    padding = block_padding(stable, block_size, stable_tokens)
-    aligned_set = build_requests(
-        settings.questions, args.quick, settings.marker, settings.misuse, padding=padding, prewarm=True
-    )
-    apc, aligned = run_variants(
-        backend,
-        [
-            ("apc", LABELS["apc"], plain.stripped(settings.marker)),
-            ("apc_aligned", LABELS["apc_aligned"], aligned_set.stripped(settings.marker)),
-        ],
-        args.max_tokens,
-    )
-    label_kinds(apc.requests, plain.kinds)
-    label_kinds(aligned.requests, aligned_set.kinds)
-
-    # One set of token IDs for all engines: the breakpoint engine's split-and-concatenate must
-    # give exactly what vLLM renders from the stripped text, or the comparison is unfair.
-    same_tokens = all(
-        manual.prepare(messages).token_ids == backend.render(strip_marker(messages, settings.marker))
-        for messages in plain.requests + aligned_set.requests
-    )
-    # With reads off vLLM makes no cache lookups, so its counters stay at 0 queries and 0 hits:
-    # evidence that nothing was reused, but not comparable with the prompt tokens sent.
-    no_cache_counters = no_caching.counters
-    no_caching = replace(no_caching, counters=None)
-    variants = [no_caching, right, apc, aligned]
-    wrong_ttft = no_caching.summary()["ttft_ms_median"]
-    speedups = {
-        v.name: round(wrong_ttft / v.summary()["ttft_ms_median"], 3) if v.summary()["ttft_ms_median"] else 0.0
-        for v in variants
-    }
-    extra: dict[str, Any] = {
-        "manual_engine": {"backend": "transformers", "model": model.display_name, "marker": settings.marker},
-        "ttft_speedup_vs_no_caching": speedups,
-        "exactness": exactness,
-        "kv_memory": memory,
-        "marker": marker_report(
-            stable_tokens(stable), stable_tokens(stable + padding), padding, block_size, apc, aligned
+    return BoundaryResult(
+        EXAMPLE,
+        backend.info,
+        [m.result for m in measured],
+        notes=notes,
+        manual_model=manual_backend.info.model,
+        marker=settings.marker,
+        compared=[m.compared() for m in measured],
+        exactness=exactness,
+        kv_memory=kv_memory,
+        alignment=MarkerAlignment.of(
+            stable_tokens(stable), block_size, padding, stable_tokens(stable + padding), apc, aligned
         ),
-        "same_prompt_tokens_on_all_engines": same_tokens,
-        "no_caching_engine_counters": (
-            {"prefix_cache_queries": no_cache_counters.queries, "prefix_cache_hits": no_cache_counters.hits}
-            if no_cache_counters is not None
-            else None
+        same_prompt_tokens=all(
+            engine.prepare(messages).token_ids == backend.render(strip_marker(messages, settings.marker))
+            for messages in plain.requests + aligned_set.requests
         ),
-        "misuse": misuse_report(variants),
-    }
-    return ExampleResult(EXAMPLE, backend.info, variants, notes=notes, extra=extra)
+        no_caching_counters=no_caching_counters,
+        misuse=Misuse.of(measured, manual_backend) if settings.misuse else None,
+        auto_boundary=auto[1] if auto else None,
+    )
+
+
+def measure_auto_boundary(
+    settings: Settings, plain: RequestSet, manual: BreakpointBackend, model_path: str
+) -> tuple[Measured, AutoBoundary]:
+    """The breakpoint engine with its marker where the traffic shows the stable part ends: the
+    explainer's span detector, run on the questions without a marker (``--auto-boundary``)."""
+    from harness.explain.render import ChatRenderer
+    from harness.explain.spans import place_marker, stable_boundary
+
+    questions = [
+        strip_marker(m, settings.marker)
+        for m, k in zip(plain.requests, plain.kinds, strict=True)
+        if k == QUESTION
+    ]
+    with console.status("finding the stable part from the requests (the explainer's span detector) ..."):
+        boundary = stable_boundary(questions, ChatRenderer(model_path))
+    placed = RequestSet(
+        [place_marker(strip_marker(m, settings.marker), boundary, settings.marker) for m in plain.requests],
+        plain.kinds,
+    )
+    measured = measure(manual, "right_auto", placed, placed.requests, settings.check_tokens)
+    manual.annotate(measured.result.requests)
+    return measured, AutoBoundary(boundary.stable_tokens, boundary.message_index, boundary.offset)
+
+
+@dataclass(frozen=True)
+class AutoBoundary:
+    """Where the span detector put the marker (--auto-boundary)."""
+
+    stable_tokens: int  # every question starts with these tokens
+    message_index: int
+    offset: int  # characters into that message
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stable_tokens": self.stable_tokens,
+            "message_index": self.message_index,
+            "offset": self.offset,
+        }
+
+
+# --------------------------------------------------------------------------- what it found
+
+
+@dataclass(frozen=True)
+class MarkerAlignment:
+    """Where the marker sat, what APC served of the stable part, and what alignment changed."""
+
+    marker_at_token: int  # tokens before the marker: the stable part
+    block_size: int
+    padding_text: str
+    aligned_marker_at_token: int  # the same, padded
+    apc_cached_on_hits: list[int]  # distinct counts served on the questions after the first request
+    aligned_cached_on_hits: list[int]
+    aligned_first_question_cached: int  # after the pre-warm request
+    apc_first_question_ttft_ms: float  # cold
+    aligned_first_question_ttft_ms: float
+
+    @classmethod
+    def of(
+        cls, stable: int, block_size: int, padding: str, aligned_stable: int, apc: Measured, aligned: Measured
+    ) -> MarkerAlignment:
+        def warm_hits(variant: Measured) -> list[int]:
+            return sorted({r.cached_tokens for r in variant.records(QUESTION) if r.index > 0})
+
+        apc_first, aligned_first = apc.records(QUESTION)[0], aligned.records(QUESTION)[0]
+        hits = (warm_hits(apc), warm_hits(aligned))
+        firsts = (aligned_first.cached_tokens, apc_first.ttft_ms, aligned_first.ttft_ms)
+        return cls(stable, block_size, padding, aligned_stable, *hits, *firsts)
+
+    @property
+    def served_to_marker(self) -> int:
+        """What a prompt going on past the marker gets when it matches exactly up to the marker."""
+        at = self.marker_at_token
+        return cached_tokens_for(at + self.block_size, at, self.block_size)
+
+    def to_json(self) -> dict[str, Any]:
+        hits, at = self.apc_cached_on_hits, self.marker_at_token
+        return {
+            **asdict(self),
+            "served_if_matching_exactly_to_marker": self.served_to_marker,
+            "lost_to_block_rounding": at - self.served_to_marker,
+            "apc_stable_tokens_recomputed": max(0, at - min(hits)) if hits else None,
+            "padding_tokens": self.aligned_marker_at_token - at,
+            "apc_first_question_ttft_ms": round(self.apc_first_question_ttft_ms, 3),
+            "aligned_first_question_ttft_ms": round(self.aligned_first_question_ttft_ms, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Misuse:
+    """The request with a timestamp before the marker, as each engine saw it."""
+
+    record: RequestRecord  # RIGHT's
+    reply: ManualReply  # the breakpoint engine's, with its warning
+    cached_tokens: dict[str, int]  # per variant
+
+    @classmethod
+    def of(cls, measured: Sequence[Measured], manual: BreakpointBackend) -> Misuse:
+        (record,) = next(m for m in measured if m.result.name == "right").records(MISUSE)
+        cached = {m.result.name: m.records(MISUSE)[0].cached_tokens for m in measured}
+        return cls(record, manual.replies[record.index], cached)
+
+    @property
+    def warning(self) -> str | None:
+        return next((w for w in self.reply.warnings if "stable part changed" in w), None)
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.record.divergence
+        return {
+            "request_index": self.record.index,
+            "stable_tokens": self.reply.prefix_tokens,
+            "divergence_index": self.record.first_divergence,
+            "divergence": asdict(d) if d else None,
+            "warning": self.warning,
+            "cached_tokens": self.cached_tokens,
+        }
+
+
+@dataclass
+class BoundaryResult(ExampleResult):
+    """The shared result plus lesson 3's own findings, typed until the JSON."""
+
+    manual_model: str = field(kw_only=True)
+    marker: str = field(kw_only=True)
+    compared: list[VariantResult] = field(kw_only=True)  # every variant over the same requests
+    exactness: ExactnessCheck = field(kw_only=True)  # and the same-engine speedup
+    kv_memory: KVMemory = field(kw_only=True)
+    alignment: MarkerAlignment = field(kw_only=True)
+    same_prompt_tokens: bool = field(kw_only=True)  # on the breakpoint engine and on vLLM
+    no_caching_counters: PrefixCounters | None = field(kw_only=True)
+    misuse: Misuse | None = field(kw_only=True)
+    auto_boundary: AutoBoundary | None = field(kw_only=True, default=None)
+
+    def compared_requests(self) -> str:
+        """Which requests every variant's hit rate and TTFT cover, in words."""
+        questions = len(self.compared[0].requests) - (1 if self.misuse else 0)
+        misuse = ", 1 misuse" if self.misuse else ""
+        return f"{questions} questions{misuse}; apc_aligned's pre-warm request not counted"
+
+    def speedups(self) -> dict[str, float]:
+        """TTFT median of no caching over each variant's, over the same requests."""
+        medians = {v.name: v.summary()["ttft_ms_median"] for v in self.compared}
+        return {name: round(medians["wrong"] / m, 3) if m else 0.0 for name, m in medians.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        counters = self.no_caching_counters
+        return {
+            **super().to_json(),
+            "manual_engine": {"backend": "transformers", "model": self.manual_model, "marker": self.marker},
+            "same_requests": {
+                "requests": self.compared_requests(),
+                "variants": {v.name: v.summary() for v in self.compared},
+            },
+            "ttft_speedup_vs_no_caching": self.speedups(),
+            "same_engine_speedup": self.exactness.same_engine_json(),
+            "exactness": self.exactness.to_json(),
+            "kv_memory": self.kv_memory.to_json(),
+            "marker": self.alignment.to_json(),
+            "same_prompt_tokens_on_all_engines": self.same_prompt_tokens,
+            "no_caching_engine_counters": (
+                {"prefix_cache_queries": counters.queries, "prefix_cache_hits": counters.hits}
+                if counters is not None
+                else None
+            ),
+            "misuse": self.misuse.to_json() if self.misuse else None,
+            "auto_boundary": self.auto_boundary.to_json() if self.auto_boundary else None,
+        }
 
 
 # --------------------------------------------------------------------------- showing it
 
 
-def overview_table(result: ExampleResult) -> Table:
-    table = Table(title="Lesson 3: the same requests on every engine", title_justify="left")
+def overview_table(result: BoundaryResult) -> Table:
+    title = f"Lesson 3: the same requests on every engine ({result.compared_requests()})"
+    table = Table(title=title, title_justify="left")
     for name in ("variant", "engine", "hit rate", "TTFT median ms", "TTFT p90 ms", "speedup vs no caching"):
         table.add_column(name, justify="left" if name in ("variant", "engine") else "right")
     table.add_column("prediction == engine", justify="center")
-    engines = {
-        "wrong": "vLLM, no prefix caching",
-        "right": "transformers + breakpoint",
-        "apc": "vLLM APC",
-        "apc_aligned": "vLLM APC, aligned",
-    }
-    speedups = result.extra["ttft_speedup_vs_no_caching"]
-    for v in result.variants:
+    speedups = result.speedups()
+    for v in result.compared:
         s = v.summary()
         table.add_row(
             v.name,
-            engines.get(v.name, ""),
+            VARIANTS[v.name].engine,
             f"{s['hit_rate']:.1%}",
             f"{s['ttft_ms_median']:,.0f}",
             f"{s['ttft_ms_p90']:,.0f}",
             f"{speedups[v.name]:.1f}x",
-            "[green]yes[/]" if s["prediction_matches"] else "[bold red]NO[/]",
+            mark(all(r.prediction_ok for r in result.variant(v.name).requests)),  # every request sent
         )
     return table
 
 
-def show_details(result: ExampleResult) -> None:
-    """The four engines side by side, then exactness, the marker vs APC's blocks, memory, misuse."""
-    e = result.extra
+def show_engines(result: BoundaryResult) -> None:
+    """The comparison, what the stored prefix is worth on its own engine, and that it is exact."""
     console.print(overview_table(result))
-    x, m, k = e["exactness"], e["marker"], e["kv_memory"]
-    verdict = "[green]identical[/]" if x["all_identical"] else "[bold red]NOT identical[/]"
+    aligned = result.variant("apc_aligned").summary()
     console.print(
-        f"Exactness: {x['identical']} of {x['requests']} requests checked (of {x['of_requests']}) gave "
-        f"{verdict} greedy output "
-        f"({x['new_tokens']} new tokens) with the stored prefix KV and with a full recompute of the "
-        f"same token IDs. The full recompute on the same transformers engine had a median TTFT of "
-        f"{x['full_recompute_ttft_ms_median']:,.0f} ms: the stored prefix alone is worth "
-        f"[bold]{x['store_speedup_median']:.1f}x[/] there."
+        f"[dim]apc_aligned with its pre-warm request counted ({aligned['requests']} requests): hit rate "
+        f"{aligned['hit_rate']:.1%}, TTFT median {aligned['ttft_ms_median']:,.0f} ms.[/]"
     )
-    same = "[green]yes[/]" if e["same_prompt_tokens_on_all_engines"] else "[bold red]NO[/]"
+    x = result.exactness
+    console.print(
+        "Same engine: the speedups above set transformers against vLLM. On transformers alone the same "
+        f"{x.requests} requests ({', '.join(map(str, x.checked))}) took "
+        f"{x.full_recompute_ttft_ms_median:,.0f} ms recomputed in full and "
+        f"{x.stored_prefix_ttft_ms_median:,.0f} ms on the stored prefix (medians): "
+        f"[bold]{x.same_engine_speedup:.1f}x[/] for the breakpoint alone."
+    )
+    verdict = "[green]identical[/]" if x.all_identical else "[bold red]NOT identical[/]"
+    console.print(
+        f"Exactness: {x.identical} of {x.requests} requests checked (of {x.of_requests}) gave {verdict} "
+        f"greedy output ({x.new_tokens} new tokens) with the stored prefix KV and with a full recompute "
+        "of the same token IDs."
+    )
+    same = mark(result.same_prompt_tokens)
     console.print(f"Same prompt token IDs on the breakpoint engine and on vLLM: {same}")
-    counters = e["no_caching_engine_counters"]
+    counters = result.no_caching_counters
     if counters is not None:
         console.print(
-            f"The engine's own counters during WRONG: {counters['prefix_cache_queries']:,} prefix-cache "
-            f"lookups, {counters['prefix_cache_hits']:,} hits"
-            + (": with reads off it never looks." if not counters["prefix_cache_queries"] else ".")
+            f"The engine's own counters during WRONG: {counters.queries:,} prefix-cache lookups, "
+            f"{counters.hits:,} hits" + (": with reads off it never looks." if not counters.queries else ".")
         )
-    console.print(
-        Panel(
-            f"The marker sat after token [bold]{m['marker_at_token']:,}[/] (the stable part). vLLM keeps "
-            f"whole blocks of {m['block_size']} tokens, so a prompt matching exactly up to the marker "
-            f"gets {m['served_if_matching_exactly_to_marker']:,} served and recomputes "
-            f"[red]{m['lost_to_block_rounding']}[/] stable tokens every request. Measured: APC served "
-            f"{', '.join(f'{c:,}' for c in m['apc_cached_on_hits'])} tokens on its hits.\n"
-            f"Padded with {m['padding_tokens']} filler tokens ({m['padding_text']!r}) the marker sits "
-            f"after token {m['aligned_marker_at_token']:,}, a block boundary: APC served "
-            f"{', '.join(f'{c:,}' for c in m['aligned_cached_on_hits'])}, the whole stable part. "
-            "Pre-warming with one stable-only request made the first question a hit: TTFT "
-            f"{m['aligned_first_question_ttft_ms']:,.0f} ms instead of "
-            f"{m['apc_first_question_ttft_ms']:,.0f} ms cold.",
-            title="The marker on an engine with automatic prefix caching",
-            title_align="left",
-        )
+
+
+def show_alignment(a: MarkerAlignment) -> None:
+    at, aligned_at = a.marker_at_token, a.aligned_marker_at_token
+    apc_hits, aligned_hits = (
+        ", ".join(f"{c:,}" for c in hits) for hits in (a.apc_cached_on_hits, a.aligned_cached_on_hits)
     )
-    matches = "[green](matches)[/]" if k["formula_matches_tensors"] else "[bold red](does NOT match)[/]"
-    console.print(
-        f"Stored prefix KV: {k['bytes_per_token']:,} bytes per token (K and V of every layer and KV head, "
-        f"{k['layers']} layers, {k['dtype']}; from the model config); the "
-        f"{k['stable_prefix_tokens']:,}-token stable part holds {k['stable_prefix_bytes'] / 2**20:,.1f} "
-        f"MiB of tensors {matches}. The store holds {k['store']['entries']} prefixes, "
-        f"{k['store']['bytes_stored'] / 2**20:,.1f} MiB."
+    body = (
+        f"The marker sat after token [bold]{at:,}[/] (the stable part). vLLM keeps whole blocks of "
+        f"{a.block_size} tokens, so a prompt matching exactly up to the marker gets {a.served_to_marker:,} "
+        f"served and recomputes [red]{at - a.served_to_marker}[/] stable tokens every request. "
+        f"Measured: APC served {apc_hits} tokens on its hits.\n"
+        f"Padded with {aligned_at - at} filler tokens ({a.padding_text!r}) the marker sits after token "
+        f"{aligned_at:,}, a block boundary: APC served {aligned_hits}, the whole stable part. Pre-warming "
+        "with one stable-only request made the first question a hit: TTFT "
+        f"{a.aligned_first_question_ttft_ms:,.0f} ms instead of {a.apc_first_question_ttft_ms:,.0f} ms cold."
     )
-    misuse = e["misuse"]
-    if misuse is None:
-        return
-    record = result.variant("right").requests[misuse["request_index"]]
-    console.print(f"[bold yellow]warning:[/] {escape(misuse['warning'] or 'no warning was raised')}")
+    title = "The marker on an engine with automatic prefix caching"
+    console.print(Panel(body, title=title, title_align="left"))
+
+
+def show_memory(k: KVMemory) -> None:
+    matches = "[green](matches)[/]" if k.size.ok else "[bold red](does NOT match)[/]"
     console.print(
-        divergence_panel(record, f"MISUSE request {misuse['request_index']}: the 'stable' part changed")
+        f"Stored prefix KV: {k.size.formula_bytes_per_token:,} bytes per token (K and V of every layer and "
+        f"KV head, {k.layers} layers, {k.dtype}; from the model config); the {k.size.tokens:,}-token stable "
+        f"part holds {k.size.measured_bytes / 2**20:,.1f} MiB of tensors {matches}. The store holds "
+        f"{k.store.entries} prefixes, {k.store.bytes_stored / 2**20:,.1f} MiB."
     )
-    cached = misuse["cached_tokens"]
+
+
+def show_misuse(misuse: Misuse, bytes_per_token: int) -> None:
+    index, stable = misuse.record.index, misuse.reply.prefix_tokens
+    console.print(f"[bold yellow]warning:[/] {escape(misuse.warning or 'no warning was raised')}")
+    console.print(divergence_panel(misuse.record, f"MISUSE request {index}: the 'stable' part changed"))
+    cached = misuse.cached_tokens
     console.print(
         f"Counted as a miss: the breakpoint engine served [red]{cached['right']:,}[/] tokens for it (its "
-        f"cache is all or nothing) and stored a second prefix of {misuse['stable_tokens']:,} tokens "
-        f"({misuse['stable_tokens'] * k['bytes_per_token'] / 2**20:,.1f} MiB); a timestamp on every request "
-        f"would fill the store with prefixes used once. vLLM APC still served {cached['apc']:,}, the whole "
-        "blocks before the change. Keep clocks and other per-request facts after the marker."
+        f"cache is all or nothing) and stored a second prefix of {stable:,} tokens "
+        f"({stable * bytes_per_token / 2**20:,.1f} MiB); a timestamp on every request would fill the store "
+        f"with prefixes used once. vLLM APC still served {cached['apc']:,}, the whole blocks before the "
+        "change. Keep clocks and other per-request facts after the marker."
     )
+
+
+def show_auto_boundary(result: BoundaryResult) -> None:
+    b = result.auto_boundary
+    assert b is not None
+    hand, found = (v.summary() for v in result.compared if v.name in ("right", "right_auto"))
+    console.print(
+        "--auto-boundary: the span detector found the questions share their first "
+        f"{b.stable_tokens:,} tokens and put the marker in message {b.message_index}, {b.offset:,} "
+        f"characters in (by hand: after token {result.alignment.marker_at_token:,}). Hit rate with the "
+        f"found marker [bold]{found['hit_rate']:.1%}[/], with the hand-placed one "
+        f"{hand['hit_rate']:.1%}, over the same requests."
+    )
+
+
+def show_details(result: ExampleResult) -> None:
+    """The four engines side by side, then exactness, the marker vs APC's blocks, memory, misuse."""
+    if not isinstance(result, BoundaryResult):
+        raise TypeError(f"lesson 3 shows its own results, got {type(result).__name__}")
+    show_engines(result)
+    if result.auto_boundary is not None:
+        show_auto_boundary(result)
+    show_alignment(result.alignment)
+    show_memory(result.kv_memory)
+    if result.misuse is not None:
+        show_misuse(result.misuse, result.kv_memory.size.formula_bytes_per_token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,10 +131,6 @@ class ChatTokenizer:
         """The messages alone, without the assistant header a request ends with."""
         return self.render(messages, add_generation_prompt=False)
 
-    def render_text(self, messages: Sequence[Message]) -> str:
-        text = self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return str(text)
-
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tok.encode(text, add_special_tokens=False)]
 

@@ -36,6 +36,21 @@ the template owns BOS (ChatML's first ``<|im_start|>`` is SmolLM2's BOS), exactl
 very same IDs with a full prefill, so "identical output with and without the stored KV"
 compares like with like.
 
+How the harness measures it: ``BreakpointBackend`` puts the engine behind the same ``Backend``
+protocol as vLLM, so one measuring step (``harness.measure.run_variant``) predicts, sends and
+records its requests. Its cache model, ``BreakpointCacheModel``, is this engine's rule, beside
+APC's (``harness.prefix.PrefixCacheModel``):
+
+* APC: whole blocks, chained. A prompt sharing its first ``P`` of ``L`` tokens with something
+  cached gets ``B * floor(min(P, L - 1) / B)`` tokens served: some of a changed prompt survives.
+* The breakpoint: all or nothing at the marker. A prompt whose ``S`` tokens before the marker
+  were stored by an earlier request gets all ``S`` served; otherwise 0, however many of them match.
+
+``check_exactness`` runs requests again with a full prefill (``generate_uncached``): the greedy
+output must be identical, and the two timings of the very same requests on the very same engine
+are what the stored prefix alone is worth. ``ManualCacheEngine.kv_memory`` checks the bytes the
+config says one token costs against the tensors actually stored.
+
 Not handled, on purpose: batching, sampling (greedy only), sliding-window or hybrid caches
 (``kv_bytes_per_token`` assumes every layer keeps full K and V).
 """
@@ -44,24 +59,25 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import statistics
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from harness.backend import Message, Reply
+from harness.backend import WARMUP_PROMPT, EngineInfo, Message, PrefixCounters, Reply
 from harness.engine import cpu_threads
 from harness.errors import UserError, first_line
-from harness.prefix import Divergence, explain_divergence
+from harness.measure import RequestRecord
+from harness.prefix import CacheModel, Divergence, Prediction, common_prefix_len, explain_divergence
 
 CACHE_MARKER = "// __CACHE_END__"
 DEFAULT_MAX_CACHED_TOKENS = 16_384  # ~755 MB of float32 KV for SmolLM2-135M (46,080 B/token)
 DEFAULT_STREAM = "default"
-WARMUP_TEXT = "Warm-up. Count from one to ten in French: un, deux, trois"
 
 
 # --------------------------------------------------------------------------- the marker
@@ -229,6 +245,11 @@ class PrefixKVStore:
         """Stored prefixes, least recently used first."""
         return list(self._entries.values())
 
+    def peek(self, token_ids: Sequence[int]) -> StoredPrefix | None:
+        """The entry for exactly ``token_ids``, without counting a lookup or touching its age."""
+        entry = self._entries.get(prefix_key(token_ids))
+        return entry if entry is not None and entry.token_ids == tuple(token_ids) else None
+
     def lookup(self, token_ids: Sequence[int]) -> StoredPrefix | None:
         entry = self._entries.get(prefix_key(token_ids))
         # The IDs are compared too: a hash collision must never serve a wrong KV.
@@ -269,12 +290,17 @@ class PrefixKVStore:
 # --------------------------------------------------------------------------- KV size
 
 
+def language_config(config: Any) -> Any:
+    """The language model's part of a config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def kv_bytes_per_token(config: Any, dtype_bytes: int = 4) -> int:
     """KV bytes one token costs: K and V, for every layer and KV head.
 
     SmolLM2-135M: 2 x 30 layers x 3 KV heads x 64 dims x 4 bytes = 46,080 bytes in float32.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = language_config(config)
     heads = int(text_config.num_attention_heads)
     kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
@@ -299,6 +325,45 @@ class KVSizeCheck:
 def check_kv_size(config: Any, entry: StoredPrefix, dtype_bytes: int = 4) -> KVSizeCheck:
     """Compare the config formula with the bytes an actual stored prefix holds."""
     return KVSizeCheck(entry.num_tokens, entry.nbytes(), kv_bytes_per_token(config, dtype_bytes))
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """The store's counters (lookups, not tokens) and what it holds."""
+
+    hits: int
+    misses: int
+    evictions: int
+    rejected: int
+    stable_changes: int  # requests whose stable part differed from their stream's previous one
+    entries: int
+    tokens_stored: int
+    bytes_stored: int
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """What one stored prefix costs: the config's formula, checked against the stored tensors."""
+
+    size: KVSizeCheck
+    layers: int
+    dtype: str
+    store: StoreStats
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bytes_per_token": self.size.formula_bytes_per_token,
+            "bytes_per_token_measured": self.size.measured_bytes_per_token,
+            "formula_matches_tensors": self.size.ok,
+            "layers": self.layers,
+            "dtype": self.dtype,
+            "stable_prefix_tokens": self.size.tokens,
+            "stable_prefix_bytes": self.size.measured_bytes,
+            "store": self.store.to_json(),
+        }
 
 
 # --------------------------------------------------------------------------- the engine
@@ -411,7 +476,7 @@ class ManualCacheEngine:
     def warm_up(self) -> None:
         """One tiny request off the record (first-call allocations), sharing no prefix with a
         chat prompt and leaving the store untouched."""
-        ids = [int(t) for t in self.tokenizer.encode(WARMUP_TEXT, add_special_tokens=False)]
+        ids = [int(t) for t in self.tokenizer.encode(WARMUP_PROMPT, add_special_tokens=False)]
         with torch.inference_mode():
             logits, kv = self._forward(ids, None)
             self._decode_greedy(logits, kv, 4)
@@ -530,14 +595,268 @@ class ManualCacheEngine:
         dtype_bytes = torch.finfo(self.model.dtype).bits // 8
         return check_kv_size(self.config, entry, dtype_bytes)
 
-    def stats(self) -> dict[str, int]:
+    def kv_memory(self, prefix_ids: Sequence[int]) -> KVMemory:
+        """The KV bytes of the stored prefix ``prefix_ids``: formula vs tensors, and the store."""
+        entry = self.store.peek(prefix_ids)
+        if entry is None:
+            raise ValueError(f"no stored prefix of these {len(prefix_ids)} tokens: run a request with it")
+        return KVMemory(
+            self.kv_size_check(entry),
+            int(language_config(self.config).num_hidden_layers),
+            str(self.model.dtype).removeprefix("torch."),
+            self.stats(),
+        )
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            hits=self.store.hits,
+            misses=self.store.misses,
+            evictions=self.store.evictions,
+            rejected=self.store.rejected,
+            stable_changes=self.stable_changes,
+            entries=len(self.store),
+            tokens_stored=self.store.total_tokens,
+            bytes_stored=self.store.bytes_stored(),
+        )
+
+
+# --------------------------------------------------------------------------- its cache rule
+
+
+class BreakpointCacheModel:
+    """The breakpoint engine's store, as the harness predicts it: all or nothing at the marker.
+
+    A prompt's stable part (its tokens before the marker) is served whole when an earlier
+    request stored the very same stable part, and not at all otherwise: a stable part that
+    differs from a stored one in its last token gets nothing, where APC
+    (``harness.prefix.PrefixCacheModel``) would still serve the whole blocks before the change.
+    Like that model it assumes nothing was evicted; the engine's own count shows when that fails.
+
+    Token IDs alone do not say where the marker was (it is stripped before tokenizing), so the
+    model asks ``stable_tokens``, the backend that rendered the prompt.
+    """
+
+    def __init__(self, stable_tokens: Callable[[Sequence[int]], int]) -> None:
+        self._stable_tokens = stable_tokens
+        self._stored: list[tuple[int, ...]] = []  # stable parts, in the order stored
+        self._keys: set[tuple[int, ...]] = set()
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def sequence(self, index: int) -> tuple[int, ...]:
+        """The ``index``-th stored stable part (-1: the latest)."""
+        return self._stored[index]
+
+    def predict(self, prompt: Sequence[int]) -> Prediction:
+        """``common_prefix``/``source``: the stored stable part sharing the longest prefix with
+        ``prompt`` (the most recent on a tie), which says where a miss left the cache."""
+        stable = self._stable_tokens(prompt)
+        common, source = 0, None
+        for index, stored in enumerate(self._stored):
+            shared = common_prefix_len(prompt, stored)
+            if source is None or shared >= common:
+                common, source = shared, index
+        cached = stable if stable and tuple(prompt[:stable]) in self._keys else 0
+        return Prediction(len(prompt), common, cached, source)
+
+    def record(self, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
+        """Remember the stable part the engine stored for ``prompt`` (never the question or the
+        output: the engine keeps only the KV before the marker)."""
+        stable = tuple(prompt[: self._stable_tokens(prompt)])
+        if stable and stable not in self._keys:
+            self._keys.add(stable)
+            self._stored.append(stable)
+
+
+# --------------------------------------------------------------------------- as a Backend
+
+
+class BreakpointBackend:
+    """The breakpoint engine behind the harness's ``Backend`` protocol, so the one measuring step
+    (``harness.measure.run_variant``) predicts, sends and records its requests exactly as it does
+    vLLM's, with ``BreakpointCacheModel`` as the prediction.
+
+    Requests keep their marker (this engine needs it). ``replies`` holds the current variant's
+    full replies, in order: what the common ``Reply`` has no room for (warnings, where the marker
+    cut, the changed stable part), and what ``check_exactness`` compares.
+    """
+
+    def __init__(self, engine: ManualCacheEngine, display_name: str) -> None:
+        self.engine = engine
+        # No blocks (block_size 0) and no vLLM: the fields say what the engine is not.
+        self.info = EngineInfo("transformers", display_name, "cpu", 0, "none")
+        self.replies: list[ManualReply] = []
+        self._stable: dict[tuple[int, ...], int] = {}  # prompt IDs -> where its marker cut
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        prompt = self.engine.prepare(messages)
+        self._stable[tuple(prompt.token_ids)] = prompt.prefix_len
+        return list(prompt.token_ids)
+
+    def stable_tokens(self, prompt_ids: Sequence[int]) -> int:
+        """Where the marker cut a prompt this backend rendered (0: no stable part)."""
+        try:
+            return self._stable[tuple(prompt_ids)]
+        except KeyError:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens this backend never rendered") from None
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.decode(token_ids)
+
+    def annotate(self, records: Sequence[RequestRecord]) -> None:
+        """Add to this variant's records (the JSON's per-request fields) where each prompt's
+        marker cut and the engine's warnings."""
+        for record, reply in zip(records, self.replies, strict=True):
+            record.extra["stable_tokens"] = reply.prefix_tokens
+            if reply.warnings:
+                record.extra["warnings"] = list(reply.warnings)
+
+    def start_variant(self) -> None:
+        self.engine.reset()
+        self.replies = []
+        self._stable.clear()
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 1,
+        cache_salt: str | None = None,
+        read_cache: bool = True,
+    ) -> Reply:
+        """One request; ``read_cache=False`` is the full recompute (``generate_uncached``)."""
+        if cache_salt:
+            raise ValueError("the breakpoint engine has one store: cache_salt is not supported")
+        if read_cache:
+            reply = self.engine.generate(messages, max_new_tokens=max_tokens)
+        else:
+            reply = self.engine.generate_uncached(messages, max_new_tokens=max_tokens)
+        self._stable[tuple(reply.prompt_ids)] = reply.prefix_tokens
+        self.replies.append(reply)
+        return reply.to_reply()
+
+    def cache_model(self) -> CacheModel:
+        return BreakpointCacheModel(self.stable_tokens)
+
+    def counters(self) -> PrefixCounters | None:
+        return None  # the store counts lookups, not tokens: nothing comparable to vLLM's counters
+
+    def close(self) -> None:
+        pass  # the engine belongs to whoever loaded it (tests share one)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def exactness_sample(cached_tokens: Sequence[int], checks: int) -> list[int]:
+    """Which requests to recompute, given each request's cached tokens: ``checks`` of the warm
+    ones (those the store served), evenly spread from the first to the last; every request when
+    ``checks`` is 0 or nothing was warm, every warm one when ``checks`` covers them.
+
+    A full recompute on transformers costs what a request without caching costs; a few warm
+    requests spread over the run show the output does not change."""
+    warm = [index for index, cached in enumerate(cached_tokens) if cached > 0]
+    if checks == 0 or not warm:
+        return list(range(len(cached_tokens)))
+    if checks >= len(warm):
+        return warm
+    if checks == 1:
+        return [warm[-1]]
+    step = (len(warm) - 1) / (checks - 1)
+    return [warm[round(k * step)] for k in range(checks)]
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """One request run twice on this engine: with the stored prefix, and with a full prefill."""
+
+    index: int
+    identical: bool  # same prompt IDs and same greedy output
+    stored_prefix_ttft_ms: float
+    full_recompute_ttft_ms: float
+
+
+@dataclass(frozen=True)
+class ExactnessCheck:
+    checks: list[Recompute]
+    of_requests: int
+    new_tokens: int
+
+    @property
+    def requests(self) -> int:
+        return len(self.checks)
+
+    @property
+    def checked(self) -> list[int]:
+        return [c.index for c in self.checks]
+
+    @property
+    def identical(self) -> int:
+        return sum(c.identical for c in self.checks)
+
+    @property
+    def all_identical(self) -> bool:
+        return self.identical == len(self.checks)
+
+    @property
+    def full_recompute_ttft_ms_median(self) -> float:
+        return statistics.median(c.full_recompute_ttft_ms for c in self.checks)
+
+    @property
+    def stored_prefix_ttft_ms_median(self) -> float:
+        return statistics.median(c.stored_prefix_ttft_ms for c in self.checks)
+
+    @property
+    def same_engine_speedup(self) -> float:
+        """What the stored prefix alone is worth: the same requests, the same engine, with and
+        without it (comparing with another engine would mix in how fast each engine is)."""
+        stored = self.stored_prefix_ttft_ms_median
+        return self.full_recompute_ttft_ms_median / stored if stored else 0.0
+
+    def annotate(self, records: Sequence[RequestRecord]) -> None:
+        """Add each check to its request's record (the JSON's per-request fields)."""
+        for check in self.checks:
+            records[check.index].extra.update(
+                identical_to_full_recompute=check.identical,
+                full_recompute_ttft_ms=round(check.full_recompute_ttft_ms, 3),
+            )
+
+    def to_json(self) -> dict[str, Any]:
         return {
-            "hits": self.store.hits,
-            "misses": self.store.misses,
-            "evictions": self.store.evictions,
-            "rejected": self.store.rejected,
-            "stable_changes": self.stable_changes,
-            "entries": len(self.store),
-            "tokens_stored": self.store.total_tokens,
-            "bytes_stored": self.store.bytes_stored(),
+            "requests": self.requests,
+            "checked": self.checked,
+            "of_requests": self.of_requests,
+            "identical": self.identical,
+            "all_identical": self.all_identical,
+            "new_tokens": self.new_tokens,
         }
+
+    def same_engine_json(self) -> dict[str, Any]:
+        return {
+            "engine": "transformers",
+            "requests": self.checked,
+            "full_recompute_ttft_ms_median": round(self.full_recompute_ttft_ms_median, 3),
+            "stored_prefix_ttft_ms_median": round(self.stored_prefix_ttft_ms_median, 3),
+            "speedup": round(self.same_engine_speedup, 3),
+        }
+
+
+def check_exactness(
+    engine: ManualCacheEngine,
+    requests: Sequence[Sequence[Message]],
+    replies: Sequence[ManualReply],
+    new_tokens: int,
+    checks: int,
+) -> ExactnessCheck:
+    """Run the sampled requests again with a full prefill and no store (``checks`` as in
+    ``exactness_sample``); each output must equal the one generated on the stored prefix KV.
+
+    ``replies`` are ``requests``' replies from ``generate``, with ``new_tokens`` new tokens each.
+    """
+    done: list[Recompute] = []
+    for index in exactness_sample([r.cached_tokens for r in replies], checks):
+        reply = replies[index]
+        baseline = engine.generate_uncached(requests[index], max_new_tokens=new_tokens)
+        identical = baseline.prompt_ids == reply.prompt_ids and baseline.output_ids == reply.output_ids
+        done.append(Recompute(index, identical, reply.ttft_ms, baseline.ttft_ms))
+    return ExactnessCheck(done, len(replies), new_tokens)

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
-from conftest import run_script
+from conftest import run_script, validate
 
 import manual_cache_boundary as lesson
-from harness.backend import ChatTokenizer, Message, OfflineBackend
+from harness.backend import Message, OfflineBackend, PrefixCounters
 from harness.cli import add_common_args
 from harness.errors import UserError
-from harness.manual_cache import CACHE_MARKER, ManualCacheEngine
-from harness.measure import RequestRecord
-from harness.report import ExampleResult
+from harness.manual_cache import CACHE_MARKER, ManualCacheEngine, exactness_sample
 
 BLOCK = 32
 
@@ -40,9 +39,18 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return min(len(a), len(b))
 
 
-def stable_ids(tokenizer: ChatTokenizer, messages: list[Message], marker: str = CACHE_MARKER) -> list[int]:
+@pytest.fixture(scope="module")
+def hf_tokenizer(model_path: str) -> Any:
+    """The model's own tokenizer and chat template (transformers), not the harness's wrapper."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def stable_ids(hf_tokenizer: Any, messages: list[Message], marker: str = CACHE_MARKER) -> list[int]:
     """The tokens before the marker, as the chat template renders them."""
-    return tokenizer.encode(tokenizer.render_text(messages).split(marker)[0])
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [int(t) for t in hf_tokenizer.encode(text.split(marker)[0], add_special_tokens=False)]
 
 
 # --------------------------------------------------------------------------- request set
@@ -68,9 +76,9 @@ def test_without_misuse_and_with_prewarm() -> None:
     assert all("<<C>>" not in m["content"] for r in built.stripped("<<C>>") for m in r)
 
 
-def test_padding_puts_the_marker_on_a_block_boundary(tokenizer: ChatTokenizer) -> None:
+def test_padding_puts_the_marker_on_a_block_boundary(hf_tokenizer: Any) -> None:
     def count(stable: str) -> int:
-        return len(stable_ids(tokenizer, lesson.chat_request(stable, "?", CACHE_MARKER)))
+        return len(stable_ids(hf_tokenizer, lesson.chat_request(stable, "?", CACHE_MARKER)))
 
     stable = lesson.stable_part(quick=True)
     padding = lesson.block_padding(stable, BLOCK, count)
@@ -93,15 +101,12 @@ def test_bad_question_count_is_a_one_line_error() -> None:
 
 
 def test_exactness_sample_spreads_over_the_warm_requests() -> None:
-    def records(cached: list[int]) -> list[RequestRecord]:
-        return [RequestRecord(i, 100, c, c, 1.0, c) for i, c in enumerate(cached)]
-
-    run = records([0, 90, 90, 90, 90, 90, 90, 90, 0])  # cold first, a miss last
-    assert lesson.exactness_sample(run, 3) == [1, 4, 7]
-    assert lesson.exactness_sample(run, 1) == [7]
-    assert lesson.exactness_sample(run, 20) == [1, 2, 3, 4, 5, 6, 7]
-    assert lesson.exactness_sample(run, 0) == list(range(9))
-    assert lesson.exactness_sample(records([0, 0]), 3) == [0, 1]  # nothing warm: check them all
+    run = [0, 90, 90, 90, 90, 90, 90, 90, 0]  # cached tokens per request: cold first, a miss last
+    assert exactness_sample(run, 3) == [1, 4, 7]
+    assert exactness_sample(run, 1) == [7]
+    assert exactness_sample(run, 20) == [1, 2, 3, 4, 5, 6, 7]
+    assert exactness_sample(run, 0) == list(range(9))
+    assert exactness_sample([0, 0], 3) == [0, 1]  # nothing warm: check them all
     assert lesson.settings_from(lesson_args()).exactness_checks == lesson.DEFAULT_EXACTNESS_CHECKS
     assert lesson.settings_from(lesson_args("--quick")).exactness_checks == 0
     with pytest.raises(UserError, match="--exactness-checks must be 0 \\(all\\) or more, got -1"):
@@ -117,29 +122,26 @@ def manual(model_path: str) -> ManualCacheEngine:
 
 
 @pytest.fixture(scope="module")
-def quick_result(engine: OfflineBackend, manual: ManualCacheEngine) -> ExampleResult:
+def quick_result(engine: OfflineBackend, manual: ManualCacheEngine) -> lesson.BoundaryResult:
     return lesson.run(engine, lesson_args("--quick", "--check-tokens", "4"), manual=manual)
 
 
 @pytest.mark.engine
-def test_no_caching_reuses_nothing(quick_result: ExampleResult) -> None:
+def test_no_caching_reuses_nothing(quick_result: lesson.BoundaryResult) -> None:
     wrong = quick_result.variant("wrong")
     assert len(wrong.requests) == lesson.QUICK_QUESTIONS + 1
     assert all(r.cached_tokens == 0 == r.predicted_cached_tokens for r in wrong.requests)
     # Not 0 by luck: the same prompts on the same engine with reads on share the stable part.
     assert all(r.cached_tokens > 0 for r in quick_result.variant("apc").requests[1:])
-    assert quick_result.extra["no_caching_engine_counters"] == {
-        "prefix_cache_queries": 0,
-        "prefix_cache_hits": 0,
-    }
+    assert quick_result.no_caching_counters == PrefixCounters(queries=0, hits=0)
 
 
 @pytest.mark.engine
 def test_manual_breakpoint_reuses_the_stable_part_after_the_first_request(
-    quick_result: ExampleResult, tokenizer: ChatTokenizer
+    quick_result: lesson.BoundaryResult, hf_tokenizer: Any
 ) -> None:
     built = lesson.build_requests(lesson.QUICK_QUESTIONS, True, CACHE_MARKER, misuse=True)
-    stable = len(stable_ids(tokenizer, built.requests[0]))
+    stable = len(stable_ids(hf_tokenizer, built.requests[0]))
     right = quick_result.variant("right")
     questions = [r for r in right.requests if r.extra["request"] == "question"]
     assert questions[0].cached_tokens == 0
@@ -147,60 +149,95 @@ def test_manual_breakpoint_reuses_the_stable_part_after_the_first_request(
         assert record.cached_tokens == record.predicted_cached_tokens == stable, record
         assert record.first_divergence == stable
     assert all(r.prediction_ok for r in right.requests)
-    exactness = quick_result.extra["exactness"]
-    assert exactness["all_identical"] is True
-    assert exactness["requests"] == exactness["of_requests"] == len(right.requests)
+    exactness = quick_result.exactness
+    assert exactness.all_identical is True
+    assert exactness.requests == exactness.of_requests == len(right.requests)
     assert all(r.extra["identical_to_full_recompute"] for r in right.requests)
-    assert quick_result.extra["same_prompt_tokens_on_all_engines"] is True
-    memory = quick_result.extra["kv_memory"]
-    assert memory["formula_matches_tensors"] is True
-    assert memory["stable_prefix_bytes"] == stable * 46_080
+    assert quick_result.same_prompt_tokens is True
+    memory = quick_result.kv_memory
+    assert memory.size.ok is True
+    assert memory.size.measured_bytes == stable * 46_080
 
 
 @pytest.mark.engine
 def test_apc_cached_tokens_equal_the_prediction_and_alignment_reaches_the_marker(
-    quick_result: ExampleResult,
+    quick_result: lesson.BoundaryResult,
 ) -> None:
     for name in ("apc", "apc_aligned"):
         variant = quick_result.variant(name)
         assert all(r.prediction_ok for r in variant.requests), name
         assert variant.counters_agree() is True, name
-    marker = quick_result.extra["marker"]
-    stable = marker["marker_at_token"]
-    assert marker["apc_cached_on_hits"] == [BLOCK * (stable // BLOCK)]  # the last partial block is lost
-    assert marker["aligned_marker_at_token"] % BLOCK == 0
-    assert marker["aligned_cached_on_hits"] == [marker["aligned_marker_at_token"]]
+    marker = quick_result.alignment
+    stable = marker.marker_at_token
+    assert marker.apc_cached_on_hits == [BLOCK * (stable // BLOCK)]  # the last partial block is lost
+    assert marker.aligned_marker_at_token % BLOCK == 0
+    assert marker.aligned_cached_on_hits == [marker.aligned_marker_at_token]
     aligned = quick_result.variant("apc_aligned").requests
     assert aligned[0].extra["request"] == "pre-warm" and aligned[0].cached_tokens == 0
-    assert aligned[1].cached_tokens == marker["aligned_marker_at_token"]  # the first question hits
+    assert aligned[1].cached_tokens == marker.aligned_marker_at_token  # the first question hits
 
 
 @pytest.mark.engine
 def test_misuse_is_a_miss_flagged_at_the_exact_token(
-    quick_result: ExampleResult, tokenizer: ChatTokenizer
+    quick_result: lesson.BoundaryResult, hf_tokenizer: Any
 ) -> None:
     built = lesson.build_requests(lesson.QUICK_QUESTIONS, True, CACHE_MARKER, misuse=True)
-    normal, broken = (stable_ids(tokenizer, r) for r in (built.requests[0], built.requests[-1]))
+    normal, broken = (stable_ids(hf_tokenizer, r) for r in (built.requests[0], built.requests[-1]))
     expected = first_difference(normal, broken)
-    assert tokenizer.decode(broken[:expected]).endswith("Reference documents")
+    assert hf_tokenizer.decode(broken[:expected]).endswith("Reference documents")
     record = quick_result.variant("right").requests[-1]
     assert record.extra["request"] == "misuse"
     assert record.cached_tokens == 0 == record.predicted_cached_tokens
     assert record.first_divergence == expected
     flag = f"first divergence at token {expected} of {len(broken)}"
     assert any(flag in warning for warning in record.extra["warnings"])
-    misuse = quick_result.extra["misuse"]
-    assert misuse["divergence_index"] == expected
+    misuse = quick_result.misuse
+    assert misuse is not None and misuse.to_json()["divergence_index"] == expected
     # APC keeps the whole blocks before the change; the breakpoint engine loses all of it.
-    assert misuse["cached_tokens"]["apc"] == BLOCK * (expected // BLOCK)
+    assert misuse.cached_tokens["apc"] == BLOCK * (expected // BLOCK)
 
 
 @pytest.mark.engine
-def test_json_contract(quick_result: ExampleResult) -> None:
+def test_json_contract(quick_result: lesson.BoundaryResult) -> None:
     data = json.loads(json.dumps(quick_result.to_json()))
+    validate("lesson", data)
     assert data["example"] == "manual_cache_boundary"
     assert [v["name"] for v in data["variants"]] == ["wrong", "right", "apc", "apc_aligned"]
     assert data["comparison"]["hit_rate_wrong"] == 0.0
     assert data["comparison"]["hit_rate_right"] > 0.5
     assert data["comparison"]["prediction_matches"] is True
     assert set(data["ttft_speedup_vs_no_caching"]) == {"wrong", "right", "apc", "apc_aligned"}
+    # Every variant's figures over the same requests: the questions and the misuse, no pre-warm.
+    same = data["same_requests"]["variants"]
+    assert set(same) == {"wrong", "right", "apc", "apc_aligned"}
+    assert {v["requests"] for v in same.values()} == {lesson.QUICK_QUESTIONS + 1}
+    assert same["apc_aligned"]["prompt_tokens"] < data["variants"][3]["summary"]["prompt_tokens"]
+    # The same-engine ratio: transformers with and without the stored prefix, over the same
+    # requests (quick mode checks every one, so its stored-prefix side is RIGHT's own median).
+    engine_ratio = data["same_engine_speedup"]
+    assert engine_ratio["requests"] == list(range(lesson.QUICK_QUESTIONS + 1))
+    assert engine_ratio["stored_prefix_ttft_ms_median"] == same["right"]["ttft_ms_median"]
+
+
+@pytest.mark.engine
+def test_auto_boundary_places_the_marker_where_the_questions_differ(
+    quick_result: lesson.BoundaryResult, manual: ManualCacheEngine, model_path: str, hf_tokenizer: Any
+) -> None:
+    """--auto-boundary: the span detector's marker sits at the start of the question (after the
+    chat template's turn change), so it keeps more than the hand-placed one; the engine agrees."""
+    from harness.manual_cache import BreakpointBackend
+
+    settings = lesson.settings_from(lesson_args("--quick", "--check-tokens", "4", "--auto-boundary"))
+    plain = lesson.build_requests(settings.questions, True, settings.marker, settings.misuse)
+    measured, found = lesson.measure_auto_boundary(
+        settings, plain, BreakpointBackend(manual, "m"), model_path
+    )
+    by_hand = quick_result.alignment.marker_at_token
+    # the hand-placed marker ends the system message; the found one also keeps "<|im_end|>\n",
+    # "<|im_start|>" and "user\n", the template's tokens before the question
+    turn_change = 1 + 1 + 1 + len(hf_tokenizer.encode("user\n", add_special_tokens=False))
+    assert (found.message_index, found.offset) == (1, 0)
+    assert found.stable_tokens == by_hand + turn_change
+    assert all(r.cached_tokens == r.predicted_cached_tokens for r in measured.result.requests)
+    hand = next(v for v in quick_result.compared if v.name == "right").summary()
+    assert measured.compared().summary()["hit_rate"] > hand["hit_rate"]

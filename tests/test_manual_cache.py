@@ -1,4 +1,5 @@
-"""The custom engine of lesson 3: marker handling, the prefix KV store, and exactness.
+"""The custom engine of lesson 3: marker handling, the prefix KV store, its cache rule beside
+APC's, the engine behind the measuring step, and exactness.
 
 The store tests use stand-in KV objects (only their tensors' sizes matter there); everything
 about prompts and outputs runs the real default model, loaded once per session.
@@ -14,6 +15,8 @@ import torch
 
 from harness.manual_cache import (
     CACHE_MARKER,
+    BreakpointBackend,
+    BreakpointCacheModel,
     ManualCacheEngine,
     PrefixKVStore,
     kv_bytes_per_token,
@@ -21,7 +24,8 @@ from harness.manual_cache import (
     split_at_marker,
     strip_marker,
 )
-from harness.prefix import common_prefix_len
+from harness.measure import run_variant
+from harness.prefix import PrefixCacheModel, common_prefix_len
 from harness.scenario import system_prompt
 
 QUESTIONS = [
@@ -144,6 +148,28 @@ def test_store_bytes_come_from_the_tensors() -> None:
     assert store.bytes_stored() == 2 * 3 * 2 * 4  # K and V, 3 tokens, dim 2, float32
 
 
+# --------------------------------------------------------------------------- the cache rule
+
+
+def test_breakpoint_rule_is_all_or_nothing_at_the_marker_where_apc_keeps_whole_blocks() -> None:
+    # Prompts as token IDs, each with where its marker cut (what the backend knows from rendering).
+    cut = {(1, 2, 3, 4, 9): 4, (1, 2, 3, 4, 8): 4, (1, 2, 3, 5, 9): 4, (1, 2, 3, 4, 5, 6, 9): 6}
+    model = BreakpointCacheModel(lambda ids: cut[tuple(ids)])
+    apc = PrefixCacheModel(block_size=2)
+    cold = model.predict([1, 2, 3, 4, 9])
+    assert (cold.cached_tokens, cold.common_prefix, cold.source) == (0, 0, None)
+    for cache in (model, apc):
+        cache.record([1, 2, 3, 4, 9], [7, 7])
+    assert len(model) == 1 and model.sequence(-1) == (1, 2, 3, 4)  # the stable part only
+    hit = model.predict([1, 2, 3, 4, 8])
+    assert (hit.cached_tokens, hit.common_prefix, hit.source) == (4, 4, 0)
+    changed = [1, 2, 3, 5, 9]  # the stable part differs in its last token
+    assert (model.predict(changed).cached_tokens, model.predict(changed).common_prefix) == (0, 3)
+    assert apc.predict(changed).cached_tokens == 2  # APC still serves the whole block before it
+    # A longer stable part that starts with the stored one is another prefix: a miss.
+    assert model.predict([1, 2, 3, 4, 5, 6, 9]).cached_tokens == 0
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -204,6 +230,19 @@ def test_first_request_misses_then_the_prefix_is_reused(manual: ManualCacheEngin
     assert 0 < warm.prefix_tokens < warm.prompt_tokens
     assert (manual.store.hits, manual.store.misses) == (1, 1)
     assert warm.to_reply().cached_tokens == warm.cached_tokens
+
+
+def test_backend_prediction_equals_the_engine_through_the_measuring_step(manual: ManualCacheEngine) -> None:
+    backend = BreakpointBackend(manual, "SmolLM2-135M-Instruct")
+    requests = [marked(q) for q in QUESTIONS[:3]]
+    result = run_variant(backend, "right", "breakpoint", requests, max_tokens=1)
+    stable = manual.prepare(requests[0]).prefix_len
+    assert [r.cached_tokens for r in result.requests] == [0, stable, stable]
+    assert [r.predicted_cached_tokens for r in result.requests] == [0, stable, stable]
+    assert [r.first_divergence for r in result.requests] == [0, stable, stable]
+    assert result.counters is None and [r.prefix_tokens for r in backend.replies] == [stable] * 3
+    backend.start_variant()  # a variant starts cold: the store and the replies are empty again
+    assert len(manual.store) == 0 and backend.replies == []
 
 
 def test_engine_without_marker_caches_nothing(manual: ManualCacheEngine) -> None:

@@ -421,3 +421,55 @@ def suggest(
         + ("\n  [newest message] …" + last[-160:] if index != len(new_messages) - 1 else ""),
         applied=changed.body != original.body,
     )
+
+
+# --------------------------------------------------------------------------- placing a marker
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where the part every request shares ends, as a place in a message's text."""
+
+    stable_tokens: int  # tokens every request of the set starts with (the chat template's included)
+    message_index: int  # the message the first differing token is in
+    offset: int  # characters into that message's content where the marker goes
+
+
+def stable_boundary(conversations: Sequence[Sequence[dict[str, Any]]], renderer: Any) -> Boundary:
+    """The boundary the traffic itself shows: the first token where any request differs from the
+    others (the volatile spans' earliest start), turned into a place in the message text where a
+    cache marker can be written. Needs at least two requests; ``renderer`` is a ``ChatRenderer``."""
+    from harness.explain.analyze import SESSION, explain_requests
+
+    if len(conversations) < 2:
+        raise ValueError("a boundary needs at least two requests to compare")
+    log = [ChatRequest(i + 1, {"messages": list(c)}, OPENAI, "boundary") for i, c in enumerate(conversations)]
+    explained = explain_requests(log, renderer, 1, scope=SESSION)
+    stable = min(e.first_divergence for e in explained[1:])
+    first = renderer.render(log[0])
+    index = renderer.message_at(first, stable)
+    if index is None:  # every request is the same up to the generation prompt
+        index = len(first.conversation) - 1
+    content = str(conversations[0][index].get("content") or "")
+    char = first.char_at(stable)
+    start = first.text.find(content) if content else -1
+    while start >= 0 and start + len(content) < char:  # the copy of the content holding ``char``
+        start = first.text.find(content, start + 1)
+    if start < 0 or not start <= char <= start + len(content):
+        # The difference starts in the template's own text before this message's content (a
+        # role header): the stable part ends with the previous message.
+        index = max(0, index - 1)
+        return Boundary(stable, index, len(str(conversations[0][index].get("content") or "")))
+    return Boundary(stable, index, char - start)
+
+
+def place_marker(messages: Sequence[dict[str, Any]], boundary: Boundary, marker: str) -> list[dict[str, Any]]:
+    """``messages`` with ``marker`` written at ``boundary`` (any earlier copy of it removed)."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if isinstance(m.get("content"), str):
+            m["content"] = m["content"].replace(marker, "")
+    target = out[boundary.message_index]
+    content = str(target.get("content") or "")
+    target["content"] = content[: boundary.offset] + marker + content[boundary.offset :]
+    return out

@@ -686,6 +686,14 @@ def show_auto_boundary(result: BoundaryResult) -> None:
     )
 
 
+def headline(result: ExampleResult) -> str:
+    """The lesson's own figure, for the runner's summary: the breakpoint on its own engine."""
+    if not isinstance(result, BoundaryResult):
+        return ""
+    aligned = result.speedups()["apc_aligned"]
+    return f"same engine {result.exactness.same_engine_speedup:.1f}x; vLLM APC aligned {aligned:.1f}x"
+
+
 def show_details(result: ExampleResult) -> None:
     """The four engines side by side, then exactness, the marker vs APC's blocks, memory, misuse."""
     if not isinstance(result, BoundaryResult):

@@ -424,6 +424,14 @@ def price_table(result: ExampleResult) -> Table:
     return table
 
 
+def headline(result: ExampleResult) -> str:
+    """The lesson's own figure, for the runner's summary: the attacker's AUC and accuracy."""
+    w, r = result.extra["attack"]["wrong"], result.extra["attack"]["right"]
+    return (
+        f"attacker AUC {w['auc']:.2f} -> {r['auc']:.2f}, accuracy {w['accuracy']:.0%} -> {r['accuracy']:.0%}"
+    )
+
+
 def show_details(result: ExampleResult) -> None:
     console.print(attack_table(result))
     wrong = result.variant("wrong").requests

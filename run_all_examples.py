@@ -90,6 +90,7 @@ class Outcome:
     wall_s: float
     result: ExampleResult | None = None
     error: str = ""
+    headline: str = ""  # the lesson's own figure, when it has one (lessons 3-5)
 
 
 def own_engines(module: ModuleType) -> bool:
@@ -113,13 +114,24 @@ def run_lesson(
     show(result, extra_columns=getattr(module, "TABLE_COLUMNS", ()))
     if hasattr(module, "show_details"):
         module.show_details(result)
-    return Outcome(lesson, "ok", time.perf_counter() - start, result)
+    headline = module.headline(result) if hasattr(module, "headline") else ""
+    return Outcome(lesson, "ok", time.perf_counter() - start, result, headline=headline)
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:
     table = Table(title="All lessons", title_justify="left")
-    for name in ("#", "lesson", "status", "hit WRONG", "hit RIGHT", "TTFT speedup", "prediction", "wall s"):
-        table.add_column(name, justify="left" if name in ("lesson", "status") else "right")
+    columns = (
+        "#",
+        "lesson",
+        "status",
+        "hit WRONG",
+        "hit RIGHT",
+        "TTFT speedup",
+        "prediction",
+        "its own figure",
+    )
+    for name in (*columns, "wall s"):
+        table.add_column(name, justify="left" if name in ("lesson", "status", "its own figure") else "right")
     for o in outcomes:
         row = [str(o.lesson.number), o.lesson.module]
         if o.result is not None:
@@ -130,9 +142,10 @@ def summary_table(outcomes: list[Outcome]) -> Table:
                 f"{c['hit_rate_right']:.1%}",
                 f"{c['ttft_speedup_median']:.1f}x",
                 "[green]exact[/]" if c["prediction_matches"] else "[red]mismatch[/]",
+                o.headline,
             ]
         else:
-            row += [f"[red]failed[/]: {o.error}", "", "", "", ""]
+            row += [f"[red]failed[/]: {o.error}", "", "", "", "", ""]
         row.append(f"{o.wall_s:.0f}")
         table.add_row(*row)
     return table
@@ -168,8 +181,9 @@ def write_report(folder: Path, payload: dict[str, Any], outcomes: list[Outcome])
             "",
         ]
     lines += [
-        "| # | lesson | status | hit WRONG | hit RIGHT | TTFT speedup | prediction exact | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | lesson | status | hit WRONG | hit RIGHT | TTFT speedup | prediction exact | its own figure "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         if o.result is not None:
@@ -177,10 +191,10 @@ def write_report(folder: Path, payload: dict[str, Any], outcomes: list[Outcome])
             lines.append(
                 f"| {o.lesson.number} | {o.lesson.module} | ok | {c['hit_rate_wrong']:.1%} | "
                 f"{c['hit_rate_right']:.1%} | {c['ttft_speedup_median']:.1f}x | "
-                f"{'yes' if c['prediction_matches'] else 'NO'} | {o.wall_s:.0f} |"
+                f"{'yes' if c['prediction_matches'] else 'NO'} | {o.headline} | {o.wall_s:.0f} |"
             )
         else:
-            lines.append(f"| {o.lesson.number} | {o.lesson.module} | {o.status} | | | | | {o.wall_s:.0f} |")
+            lines.append(f"| {o.lesson.number} | {o.lesson.module} | {o.status} | | | | | | {o.wall_s:.0f} |")
     for example in examples:
         lines += ["", f"## {example['example']}", ""]
         for png in plot_example(example, folder):

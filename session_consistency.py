@@ -590,6 +590,14 @@ class RoutingResult(ExampleResult):
         return out
 
 
+def headline(result: ExampleResult) -> str:
+    """The lesson's own figure, for the runner's summary: what routing decides."""
+    if not isinstance(result, RoutingResult):
+        return ""
+    wrong, right = result.run("wrong"), result.run("right")
+    return f"own-token hit {wrong.own_tokens_hit_rate:.1%} -> {right.own_tokens_hit_rate:.1%}"
+
+
 def show_details(result: ExampleResult) -> None:
     """The routing view of the run: per router, per session, per worker, the failover, and the
     same sessions on more (simulated) workers."""

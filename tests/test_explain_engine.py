@@ -84,3 +84,81 @@ def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
         assert row["engine_prompt_tokens"] == row["prompt_tokens"], row["line"]
         assert row["engine_cached_tokens"] == row["predicted_cached_tokens"], row["line"]
     assert "the engine agrees with the prediction on all 10 requests" in proc.stdout
+
+
+def null_content_log(path: Path) -> Path:
+    """An agent log in every shape vLLM's server accepts: content parts, a tool call with
+    ``"content": null``, tool messages, a name, then the same history with the tool list in
+    another order (a break in the system message)."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": n,
+                "description": f"{n} tool.",
+                "parameters": {"type": "object", "properties": {"x": {"type": "string"}}},
+            },
+        }
+        for n in ("read_file", "run_tests", "search_code")
+    ]
+    turns = [
+        {"role": "system", "content": "You are a coding agent. Use the tools. " * 20},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Fix the rounding bug."},
+                {"type": "text", "text": "Start with money.py."},
+            ],
+            "name": "dana",
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"x": "money.py"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "def round_amount(x): ..."},
+    ]
+    lines = [
+        {"session_id": "s", "messages": turns[:2], "tools": tools},
+        {"session_id": "s", "messages": turns, "tools": tools},
+        {"session_id": "s", "messages": turns, "tools": [tools[1], tools[0], tools[2]]},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_null_content_tool_calls_and_parts_agree_with_engine_and_server(
+    engine: OfflineBackend, tools_renderer: ChatRenderer, vllm_server: ServerProcess, tmp_path: Path
+) -> None:
+    log = null_content_log(tmp_path / "agent.jsonl")
+    requests, _ = read_requests(log)
+    explained = explain_requests(requests, tools_renderer, engine.info.block_size)
+    assert [e.status for e in explained] == ["cold", "extends", "break"]
+    assert explained[2].hint is not None and explained[2].hint.kind == "tools_reordered"
+    rows = verify(requests, explained, EngineReplay(engine), "shared")
+    assert [r.engine_cached_tokens for r in rows] == [e.predicted_cached_tokens for e in explained]
+    # the server renders the bodies itself: the same prompt lengths and cached tokens
+    out = tmp_path / "explain.json"
+    proc = run_script(
+        "-m",
+        "harness.explain",
+        str(log),
+        "--chat-template",
+        str(TOOLS_TEMPLATE),
+        "--endpoint",
+        vllm_server.url,
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    document = json.loads(out.read_text())
+    validate("explain", document)
+    for row, e in zip(document["requests"], explained, strict=True):
+        assert row["engine_prompt_tokens"] == row["prompt_tokens"] == e.prompt_tokens
+        assert row["engine_cached_tokens"] == row["predicted_cached_tokens"] == e.predicted_cached_tokens

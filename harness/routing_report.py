@@ -354,10 +354,12 @@ def real_run_lines(scaling: Scaling) -> list[str]:
     for check in scaling.checks:
         m, r = check.measured, check.replayed
         lines.append(
-            f"  {m.router:<12} measured: own-token {m.own_tokens_hit_rate:.1%}, hit {m.hit_rate:.1%}, "
-            f"prefill {m.prefill_tokens:,}, busiest {m.max_worker_share:.0%}  |  simulated: "
-            f"{r.own_tokens_hit_rate:.1%}, {r.hit_rate:.1%}, {r.prefill_tokens:,}, {r.max_worker_share:.0%}"
-            f"  equal: {mark(check.equal)}"
+            f"  {m.router:<12} measured:  own-token {m.own_tokens_hit_rate:.1%}, hit {m.hit_rate:.1%}, "
+            f"prefill {m.prefill_tokens:,}, busiest {m.max_worker_share:.0%}"
+        )
+        lines.append(
+            f"  {'':<12} simulated: own-token {r.own_tokens_hit_rate:.1%}, hit {r.hit_rate:.1%}, "
+            f"prefill {r.prefill_tokens:,}, busiest {r.max_worker_share:.0%}  equal: {mark(check.equal)}"
         )
     return lines
 

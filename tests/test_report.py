@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import validate
 
 from harness.backend import EngineInfo
 from harness.measure import RequestRecord, VariantResult
@@ -38,3 +39,17 @@ def test_comparison_prices_the_prompt_tokens(provider_model: str) -> None:
         ((2100 - 992) * prices["input"] + 992 * prices["cache_read"]) / 1e6
     )
     assert c["cost_right_usd"] < c["cost_wrong_usd"]
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [
+        ("docs/report/summary.json", "runner"),
+        ("docs/runs/session_consistency-cache-salt-session.json", "lesson"),
+        ("docs/runs/session_consistency-scaling.json", "lesson"),
+        ("docs/monitor/run.json", "monitor"),
+    ],
+)
+def test_committed_runs_follow_the_json_contract(path: str, schema: str) -> None:
+    """The runs the README quotes are what the scripts write today, not an older shape."""
+    validate(schema, json.loads((ROOT / path).read_text()))

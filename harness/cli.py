@@ -17,7 +17,7 @@ from harness.model import MODEL_ENV, resolve_model
 from harness.report import DEFAULT_PRICE_AS, ExampleResult, check_json_target, show, write_json
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, json_schema: str = "lesson") -> None:
     g = parser.add_argument_group("engine")
     g.add_argument(
         "--model",
@@ -65,7 +65,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     o = parser.add_argument_group("output")
     o.add_argument(
-        "--json", metavar="PATH", help="also write the results as JSON (docs/schemas/lesson.schema.json)"
+        "--json",
+        metavar="PATH",
+        help=f"also write the results as JSON (docs/schemas/{json_schema}.schema.json)",
     )
     o.add_argument(
         "--quick",

@@ -9,6 +9,10 @@ is needed.
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import TextIO
+
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -16,8 +20,19 @@ from rich.table import Table
 
 __all__ = ["Panel", "Table", "console", "err_console", "escape", "mark"]
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Off a terminal (a file, a pipe, a CI log) rich would lay tables out for 80 columns and cut
+# lesson 4's eleven columns to "prom…"; 120 keeps every header whole. COLUMNS still wins.
+OFF_TERMINAL_WIDTH = 120
+
+
+def _width(stream: TextIO) -> int | None:
+    if "COLUMNS" in os.environ or stream.isatty():
+        return None  # rich's own choice: the terminal's width, or COLUMNS
+    return OFF_TERMINAL_WIDTH
+
+
+console = Console(highlight=False, width=_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
 
 def mark(ok: bool | None) -> str:

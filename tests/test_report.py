@@ -47,6 +47,7 @@ def test_comparison_prices_the_prompt_tokens(provider_model: str) -> None:
         ("docs/report/summary.json", "runner"),
         ("docs/runs/session_consistency-cache-salt-session.json", "lesson"),
         ("docs/runs/session_consistency-scaling.json", "lesson"),
+        ("docs/runs/manual_cache_boundary-auto-boundary.json", "lesson"),
         ("docs/monitor/run.json", "monitor"),
     ],
 )

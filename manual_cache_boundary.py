@@ -166,100 +166,6 @@ def block_padding(stable: str, block_size: int, stable_tokens: Callable[[str], i
     raise RuntimeError(f"no run of {PAD_UNIT!r} aligns the stable part to {block_size}-token blocks")
 
 
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Settings:
-    questions: int
-    marker: str
-    misuse: bool
-    check_tokens: int
-    exactness_checks: int  # 0: every request
-    auto_boundary: bool  # also run the breakpoint with the marker the span detector places
-
-
-def add_lesson_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("lesson 3")
-    g.add_argument(
-        "--questions",
-        type=int,
-        default=None,
-        help=f"user questions on the shared stable part (2-{len(QUESTIONS)}; default "
-        f"{DEFAULT_QUESTIONS}, {QUICK_QUESTIONS} with --quick)",
-    )
-    g.add_argument(
-        "--marker",
-        default=CACHE_MARKER,
-        help=f"the cache breakpoint written after the stable part (default {CACHE_MARKER!r})",
-    )
-    g.add_argument(
-        "--demo-misuse",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="end with one request whose 'stable' part carries a timestamp, to show the warning "
-        "and the miss (default: on)",
-    )
-    g.add_argument(
-        "--check-tokens",
-        type=int,
-        default=DEFAULT_CHECK_TOKENS,
-        help="new tokens the manual engine generates per request, with the stored prefix and with a "
-        f"full recompute, to check they are identical (default {DEFAULT_CHECK_TOKENS})",
-    )
-    g.add_argument(
-        "--auto-boundary",
-        action="store_true",
-        help="also run the breakpoint engine with the marker placed by the explainer's span detector "
-        "(where the requests start to differ) instead of by hand, and show both hit rates",
-    )
-    g.add_argument(
-        "--exactness-checks",
-        type=int,
-        default=None,
-        metavar="N",
-        help="requests to recompute in full for that check, spread over the warm ones (0: all; "
-        f"default {DEFAULT_EXACTNESS_CHECKS}, all with --quick)",
-    )
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    """The lesson's flags, checked; bad input fails here, before any engine starts."""
-    questions = int(args.questions or (QUICK_QUESTIONS if args.quick else DEFAULT_QUESTIONS))
-    if not 2 <= questions <= len(QUESTIONS):
-        raise UserError(
-            f"--questions must be between 2 and {len(QUESTIONS)} (a cache can only help from the "
-            f"second), got {questions}"
-        )
-    if args.check_tokens < 1:
-        raise UserError(f"--check-tokens must be at least 1, got {args.check_tokens}")
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    checks = args.exactness_checks
-    if checks is None:
-        checks = 0 if args.quick else DEFAULT_EXACTNESS_CHECKS
-    if checks < 0:
-        raise UserError(f"--exactness-checks must be 0 (all) or more, got {checks}")
-    marker = str(args.marker)
-    if not marker.strip():
-        raise UserError("--marker must be a non-empty string")
-    texts = [stable_part(args.quick), stable_part(args.quick, "0"), PAD_UNIT * 2, *QUESTIONS, MISUSE_QUESTION]
-    if any(marker in text for text in texts):
-        # The engine cuts at the last copy: a marker that also occurs in the prompt's own text
-        # would cut somewhere else than where the builder put it.
-        raise UserError(
-            f"--marker {marker!r} occurs in the prompt text itself; choose a string that does not"
-        )
-    return Settings(
-        questions,
-        marker,
-        bool(args.demo_misuse),
-        int(args.check_tokens),
-        int(checks),
-        bool(getattr(args, "auto_boundary", False)),
-    )
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -705,6 +611,100 @@ def show_details(result: ExampleResult) -> None:
     show_memory(result.kv_memory)
     if result.misuse is not None:
         show_misuse(result.misuse, result.kv_memory.size.formula_bytes_per_token)
+
+
+# --------------------------------------------------------------------------- the flags
+
+
+@dataclass(frozen=True)
+class Settings:
+    questions: int
+    marker: str
+    misuse: bool
+    check_tokens: int
+    exactness_checks: int  # 0: every request
+    auto_boundary: bool  # also run the breakpoint with the marker the span detector places
+
+
+def add_lesson_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("lesson 3")
+    g.add_argument(
+        "--questions",
+        type=int,
+        default=None,
+        help=f"user questions on the shared stable part (2-{len(QUESTIONS)}; default "
+        f"{DEFAULT_QUESTIONS}, {QUICK_QUESTIONS} with --quick)",
+    )
+    g.add_argument(
+        "--marker",
+        default=CACHE_MARKER,
+        help=f"the cache breakpoint written after the stable part (default {CACHE_MARKER!r})",
+    )
+    g.add_argument(
+        "--demo-misuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end with one request whose 'stable' part carries a timestamp, to show the warning "
+        "and the miss (default: on)",
+    )
+    g.add_argument(
+        "--check-tokens",
+        type=int,
+        default=DEFAULT_CHECK_TOKENS,
+        help="new tokens the manual engine generates per request, with the stored prefix and with a "
+        f"full recompute, to check they are identical (default {DEFAULT_CHECK_TOKENS})",
+    )
+    g.add_argument(
+        "--auto-boundary",
+        action="store_true",
+        help="also run the breakpoint engine with the marker placed by the explainer's span detector "
+        "(where the requests start to differ) instead of by hand, and show both hit rates",
+    )
+    g.add_argument(
+        "--exactness-checks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests to recompute in full for that check, spread over the warm ones (0: all; "
+        f"default {DEFAULT_EXACTNESS_CHECKS}, all with --quick)",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The lesson's flags, checked; bad input fails here, before any engine starts."""
+    questions = int(args.questions or (QUICK_QUESTIONS if args.quick else DEFAULT_QUESTIONS))
+    if not 2 <= questions <= len(QUESTIONS):
+        raise UserError(
+            f"--questions must be between 2 and {len(QUESTIONS)} (a cache can only help from the "
+            f"second), got {questions}"
+        )
+    if args.check_tokens < 1:
+        raise UserError(f"--check-tokens must be at least 1, got {args.check_tokens}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    checks = args.exactness_checks
+    if checks is None:
+        checks = 0 if args.quick else DEFAULT_EXACTNESS_CHECKS
+    if checks < 0:
+        raise UserError(f"--exactness-checks must be 0 (all) or more, got {checks}")
+    marker = str(args.marker)
+    if not marker.strip():
+        raise UserError("--marker must be a non-empty string")
+    texts = [stable_part(args.quick), stable_part(args.quick, "0"), PAD_UNIT * 2, *QUESTIONS, MISUSE_QUESTION]
+    if any(marker in text for text in texts):
+        # The engine cuts at the last copy: a marker that also occurs in the prompt's own text
+        # would cut somewhere else than where the builder put it.
+        raise UserError(
+            f"--marker {marker!r} occurs in the prompt text itself; choose a string that does not"
+        )
+    return Settings(
+        questions,
+        marker,
+        bool(args.demo_misuse),
+        int(args.check_tokens),
+        int(checks),
+        bool(getattr(args, "auto_boundary", False)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

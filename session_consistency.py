@@ -203,190 +203,6 @@ def plans(settings: Settings) -> list[RunPlan]:
     return runs
 
 
-# --- the flags ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    workers: int
-    endpoints: list[str] | None
-    sessions: int
-    turns: int
-    seed: int
-    think_s: float
-    kill_at: int | None
-    router: str  # who routes: script | vllm-router
-    quick: bool
-    max_tokens: int
-    with_random: bool
-    salt_per_session: bool
-    scale_workers: tuple[int, ...]
-    scale_cache_tokens: int  # each simulated worker's KV cache; 0: unbounded
-    scale_plot: Path | None
-
-    @property
-    def requests(self) -> int:
-        return self.sessions * self.turns
-
-
-def parse_worker_counts(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        counts = ()
-    if not counts or not all(1 <= n <= 1024 for n in counts):
-        raise UserError(f"--scale-workers must be comma-separated worker counts from 1 to 1024, got {text!r}")
-    return counts
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    """Validate the lesson's flags; every mistake is a one-line error before any work."""
-    sessions = int(args.sessions or (QUICK_SESSIONS if args.quick else DEFAULT_SESSIONS))
-    turns = int(args.turns or (QUICK_TURNS if args.quick else DEFAULT_TURNS))
-    endpoints = parse_endpoints(args.endpoints) if args.endpoints else None
-    workers = len(endpoints) if endpoints else int(args.workers)
-    if workers < 2:
-        raise UserError(f"--workers must be at least 2 (routing needs a choice), got {workers}")
-    if sessions < 1:
-        raise UserError(f"--sessions must be at least 1, got {sessions}")
-    if turns < 2:
-        raise UserError(f"--turns must be at least 2 (a cache can only help from the second), got {turns}")
-    if args.think_ms <= 0:
-        raise UserError(f"--think-ms must be positive, got {args.think_ms}")
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.scale_cache_tokens < 0:
-        raise UserError(f"--scale-cache-tokens must be 0 (unbounded) or more, got {args.scale_cache_tokens}")
-    total = sessions * turns
-    kill_at: int | None
-    if args.kill_worker_at is None:  # default: a third of the way in, so moved sessions recover
-        kill_at = None if endpoints else max(1, total // 3)
-    else:
-        kill_at = int(args.kill_worker_at) or None
-        if kill_at is not None and not 1 <= kill_at < total:
-            raise UserError(
-                f"--kill-worker-at must be between 1 and {total - 1} (0: no failover run), got {kill_at}"
-            )
-        if kill_at is not None and endpoints:
-            raise UserError(
-                "--kill-worker-at needs workers this script started: it never stops servers it does not own"
-            )
-    plot = None
-    if args.scale_plot:
-        if not str(args.scale_plot).endswith(".png"):
-            raise UserError(
-                f"--scale-plot writes a PNG: give a file name ending in .png, got {args.scale_plot}"
-            )
-        plot = writable_target("--scale-plot", args.scale_plot)
-    return Settings(
-        workers=workers,
-        endpoints=endpoints,
-        sessions=sessions,
-        turns=turns,
-        seed=int(args.seed),
-        think_s=args.think_ms / 1000.0,
-        kill_at=kill_at,
-        router=args.router,
-        quick=bool(args.quick),
-        max_tokens=int(args.max_tokens),
-        with_random=bool(args.with_random),
-        salt_per_session=args.cache_salt == "session",
-        scale_workers=parse_worker_counts(args.scale_workers),
-        scale_cache_tokens=int(args.scale_cache_tokens),
-        scale_plot=plot,
-    )
-
-
-def check_args(args: argparse.Namespace) -> Settings:
-    """Everything that can fail before a server starts: the flags, then unreachable --endpoints."""
-    if args.endpoint:
-        raise UserError("lesson 4 needs several workers: give them as --endpoints URL1,URL2")
-    settings = settings_from(args)
-    for url in settings.endpoints or ():
-        probe_endpoint(url)
-    return settings
-
-
-def add_lesson_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("lesson 4: workers and routing")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=DEFAULT_WORKERS,
-        help=f"local vLLM workers to start, each on its own cores (default {DEFAULT_WORKERS})",
-    )
-    g.add_argument(
-        "--endpoints",
-        metavar="URL1,URL2,...",
-        help="use these running vLLM servers as the workers (started with --enable-prefix-caching "
-        "--enable-prompt-tokens-details), on any machines, instead of starting local ones",
-    )
-    g.add_argument(
-        "--sessions",
-        type=int,
-        default=None,
-        help=f"concurrent agent sessions (default {DEFAULT_SESSIONS}, {QUICK_SESSIONS} with --quick)",
-    )
-    g.add_argument(
-        "--turns",
-        type=int,
-        default=None,
-        help=f"turns per session (default {DEFAULT_TURNS}, {QUICK_TURNS} with --quick)",
-    )
-    g.add_argument(
-        "--router",
-        choices=ROUTED_BY,
-        default="script",
-        help="who routes: this script's own routers, or the PyPI vllm-router (round_robin vs "
-        "consistent_hash on X-Session-ID) started in front of the workers (default: script)",
-    )
-    g.add_argument(
-        "--kill-worker-at",
-        type=int,
-        default=None,
-        metavar="K",
-        help="in an extra session-routed run, crash one worker after K requests (0: no such run; "
-        "default: a third of the requests; local workers only)",
-    )
-    g.add_argument(
-        "--cache-salt",
-        choices=["run", "session"],
-        default="run",
-        help="run: one cache_salt per router run, shared by its sessions, so sessions on a worker "
-        "share the system prompt's blocks (default); session: one per session, as a deployment "
-        "isolating its users' caches does, so sessions share nothing, not even the system prompt",
-    )
-    g.add_argument(
-        "--with-random",
-        action="store_true",
-        help="add a run with a random router (it lands between the two; one more run of every request)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the random router")
-    g.add_argument(
-        "--think-ms",
-        type=float,
-        default=DEFAULT_THINK_MS,
-        help=f"mean pause between a session's turns, scaled down from minutes (default {DEFAULT_THINK_MS}); "
-        "it changes how much runs in parallel, never the arrival order",
-    )
-    s = parser.add_argument_group("lesson 4: the same sessions on more workers (simulated)")
-    s.add_argument(
-        "--scale-workers",
-        default=",".join(str(n) for n in SCALING_WORKERS),
-        metavar="N1,N2,...",
-        help="worker counts to replay the sessions over (default: %(default)s)",
-    )
-    s.add_argument(
-        "--scale-cache-tokens",
-        type=int,
-        default=DEFAULT_SCALE_CACHE_TOKENS,
-        metavar="T",
-        help="each simulated worker's KV cache, in tokens, at least the longest prompt (whole blocks; "
-        f"default {DEFAULT_SCALE_CACHE_TOKENS}: the system prompt and about two sessions; 0: unbounded)",
-    )
-    s.add_argument("--scale-plot", metavar="PNG", help="also draw the scaling table into this PNG")
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -604,6 +420,190 @@ def show_details(result: ExampleResult) -> None:
     if not isinstance(result, RoutingResult):
         raise TypeError(f"lesson 4 shows its own results, not {type(result).__name__}")
     show_routing(result.runs, result.scaling)
+
+
+# --- the flags ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    workers: int
+    endpoints: list[str] | None
+    sessions: int
+    turns: int
+    seed: int
+    think_s: float
+    kill_at: int | None
+    router: str  # who routes: script | vllm-router
+    quick: bool
+    max_tokens: int
+    with_random: bool
+    salt_per_session: bool
+    scale_workers: tuple[int, ...]
+    scale_cache_tokens: int  # each simulated worker's KV cache; 0: unbounded
+    scale_plot: Path | None
+
+    @property
+    def requests(self) -> int:
+        return self.sessions * self.turns
+
+
+def parse_worker_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        counts = ()
+    if not counts or not all(1 <= n <= 1024 for n in counts):
+        raise UserError(f"--scale-workers must be comma-separated worker counts from 1 to 1024, got {text!r}")
+    return counts
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Validate the lesson's flags; every mistake is a one-line error before any work."""
+    sessions = int(args.sessions or (QUICK_SESSIONS if args.quick else DEFAULT_SESSIONS))
+    turns = int(args.turns or (QUICK_TURNS if args.quick else DEFAULT_TURNS))
+    endpoints = parse_endpoints(args.endpoints) if args.endpoints else None
+    workers = len(endpoints) if endpoints else int(args.workers)
+    if workers < 2:
+        raise UserError(f"--workers must be at least 2 (routing needs a choice), got {workers}")
+    if sessions < 1:
+        raise UserError(f"--sessions must be at least 1, got {sessions}")
+    if turns < 2:
+        raise UserError(f"--turns must be at least 2 (a cache can only help from the second), got {turns}")
+    if args.think_ms <= 0:
+        raise UserError(f"--think-ms must be positive, got {args.think_ms}")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.scale_cache_tokens < 0:
+        raise UserError(f"--scale-cache-tokens must be 0 (unbounded) or more, got {args.scale_cache_tokens}")
+    total = sessions * turns
+    kill_at: int | None
+    if args.kill_worker_at is None:  # default: a third of the way in, so moved sessions recover
+        kill_at = None if endpoints else max(1, total // 3)
+    else:
+        kill_at = int(args.kill_worker_at) or None
+        if kill_at is not None and not 1 <= kill_at < total:
+            raise UserError(
+                f"--kill-worker-at must be between 1 and {total - 1} (0: no failover run), got {kill_at}"
+            )
+        if kill_at is not None and endpoints:
+            raise UserError(
+                "--kill-worker-at needs workers this script started: it never stops servers it does not own"
+            )
+    plot = None
+    if args.scale_plot:
+        if not str(args.scale_plot).endswith(".png"):
+            raise UserError(
+                f"--scale-plot writes a PNG: give a file name ending in .png, got {args.scale_plot}"
+            )
+        plot = writable_target("--scale-plot", args.scale_plot)
+    return Settings(
+        workers=workers,
+        endpoints=endpoints,
+        sessions=sessions,
+        turns=turns,
+        seed=int(args.seed),
+        think_s=args.think_ms / 1000.0,
+        kill_at=kill_at,
+        router=args.router,
+        quick=bool(args.quick),
+        max_tokens=int(args.max_tokens),
+        with_random=bool(args.with_random),
+        salt_per_session=args.cache_salt == "session",
+        scale_workers=parse_worker_counts(args.scale_workers),
+        scale_cache_tokens=int(args.scale_cache_tokens),
+        scale_plot=plot,
+    )
+
+
+def check_args(args: argparse.Namespace) -> Settings:
+    """Everything that can fail before a server starts: the flags, then unreachable --endpoints."""
+    if args.endpoint:
+        raise UserError("lesson 4 needs several workers: give them as --endpoints URL1,URL2")
+    settings = settings_from(args)
+    for url in settings.endpoints or ():
+        probe_endpoint(url)
+    return settings
+
+
+def add_lesson_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("lesson 4: workers and routing")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"local vLLM workers to start, each on its own cores (default {DEFAULT_WORKERS})",
+    )
+    g.add_argument(
+        "--endpoints",
+        metavar="URL1,URL2,...",
+        help="use these running vLLM servers as the workers (started with --enable-prefix-caching "
+        "--enable-prompt-tokens-details), on any machines, instead of starting local ones",
+    )
+    g.add_argument(
+        "--sessions",
+        type=int,
+        default=None,
+        help=f"concurrent agent sessions (default {DEFAULT_SESSIONS}, {QUICK_SESSIONS} with --quick)",
+    )
+    g.add_argument(
+        "--turns",
+        type=int,
+        default=None,
+        help=f"turns per session (default {DEFAULT_TURNS}, {QUICK_TURNS} with --quick)",
+    )
+    g.add_argument(
+        "--router",
+        choices=ROUTED_BY,
+        default="script",
+        help="who routes: this script's own routers, or the PyPI vllm-router (round_robin vs "
+        "consistent_hash on X-Session-ID) started in front of the workers (default: script)",
+    )
+    g.add_argument(
+        "--kill-worker-at",
+        type=int,
+        default=None,
+        metavar="K",
+        help="in an extra session-routed run, crash one worker after K requests (0: no such run; "
+        "default: a third of the requests; local workers only)",
+    )
+    g.add_argument(
+        "--cache-salt",
+        choices=["run", "session"],
+        default="run",
+        help="run: one cache_salt per router run, shared by its sessions, so sessions on a worker "
+        "share the system prompt's blocks (default); session: one per session, as a deployment "
+        "isolating its users' caches does, so sessions share nothing, not even the system prompt",
+    )
+    g.add_argument(
+        "--with-random",
+        action="store_true",
+        help="add a run with a random router (it lands between the two; one more run of every request)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the random router")
+    g.add_argument(
+        "--think-ms",
+        type=float,
+        default=DEFAULT_THINK_MS,
+        help=f"mean pause between a session's turns, scaled down from minutes (default {DEFAULT_THINK_MS}); "
+        "it changes how much runs in parallel, never the arrival order",
+    )
+    s = parser.add_argument_group("lesson 4: the same sessions on more workers (simulated)")
+    s.add_argument(
+        "--scale-workers",
+        default=",".join(str(n) for n in SCALING_WORKERS),
+        metavar="N1,N2,...",
+        help="worker counts to replay the sessions over (default: %(default)s)",
+    )
+    s.add_argument(
+        "--scale-cache-tokens",
+        type=int,
+        default=DEFAULT_SCALE_CACHE_TOKENS,
+        metavar="T",
+        help="each simulated worker's KV cache, in tokens, at least the longest prompt (whole blocks; "
+        f"default {DEFAULT_SCALE_CACHE_TOKENS}: the system prompt and about two sessions; 0: unbounded)",
+    )
+    s.add_argument("--scale-plot", metavar="PNG", help="also draw the scaling table into this PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,46 @@ def run_script(
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+# An agent's tools and history, shared by the explainer's tests on the renderer, the engine and a server.
+
+
+def tool(name: str, description: str, **properties: str) -> dict[str, Any]:
+    schema = {"type": "object", "properties": {k: {"type": v} for k, v in properties.items()}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": schema}}
+
+
+TOOLS = [
+    tool("read_file", "Read a file of the repository.", path="string"),
+    tool("run_tests", "Run the test suite.", target="string"),
+    tool("search_code", "Search the code for a pattern.", pattern="string"),
+]
+
+
+def agent_turns() -> list[dict[str, Any]]:
+    """An agent's history in every shape vLLM accepts: content parts, a tool call with null
+    content, a tool result, a named user."""
+    return [
+        {"role": "system", "content": "You are a coding agent. Use the tools."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Fix the rounding bug."},
+                {"type": "text", "text": "Start with money.py."},
+            ],
+            "name": "dana",
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"path": "money.py"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "def round_amount(x): ..."},
+    ]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import validate
+from conftest import TOOLS, TOOLS_TEMPLATE, agent_turns, tool, validate
 
 from harness.errors import UserError
 from harness.explain import (
@@ -291,48 +291,6 @@ def test_example_trace_shows_each_kind_of_break(chat_renderer: ChatRenderer) -> 
 
 
 # --------------------------------------------------------------------------- tools and replies
-
-TOOLS_TEMPLATE = ROOT / "examples" / "chatml_tools.jinja"
-
-
-def tool(name: str, description: str, **properties: str) -> dict[str, Any]:
-    schema = {"type": "object", "properties": {k: {"type": v} for k, v in properties.items()}}
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": schema}}
-
-
-TOOLS = [
-    tool("read_file", "Read a file of the repository.", path="string"),
-    tool("run_tests", "Run the test suite.", target="string"),
-    tool("search_code", "Search the code for a pattern.", pattern="string"),
-]
-
-
-def agent_turns() -> list[Message]:
-    """An agent's history in every shape vLLM accepts: content parts, a tool call with null
-    content, a tool result, a named user."""
-    return [
-        {"role": "system", "content": "You are a coding agent. Use the tools."},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Fix the rounding bug."},
-                {"type": "text", "text": "Start with money.py."},
-            ],
-            "name": "dana",
-        },
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "read_file", "arguments": '{"path": "money.py"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "def round_amount(x): ..."},
-    ]
 
 
 def server_conversation(messages: list[Message]) -> list[Message]:

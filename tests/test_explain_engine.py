@@ -5,10 +5,12 @@ bodies and the server's replies)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import TOOLS_TEMPLATE, run_script, validate
+from conftest import TOOLS, TOOLS_TEMPLATE, agent_turns, run_script, validate
 
 from harness.backend import OfflineBackend
 from harness.explain import explain_requests, read_requests
@@ -60,24 +62,24 @@ def test_verify_agrees_on_an_agent_log_with_tools_and_replies(
             assert e.first_divergence > reference.prompt_tokens
 
 
+def explain_on_server(
+    log: Path, server: ServerProcess, out: Path
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """``python -m harness.explain LOG --endpoint URL --json OUT`` as a user runs it; the JSON,
+    checked against its schema, and the process."""
+    command = ["-m", "harness.explain", str(log), "--chat-template", str(TOOLS_TEMPLATE)]
+    proc = run_script(*command, "--endpoint", server.url, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    document = json.loads(out.read_text())
+    validate("explain", document)
+    return document, proc
+
+
 def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
     vllm_server: ServerProcess, tmp_path: Path
 ) -> None:
     out = tmp_path / "explain.json"
-    proc = run_script(
-        "-m",
-        "harness.explain",
-        str(TOOLS_LOG),
-        "--chat-template",
-        str(TOOLS_TEMPLATE),
-        "--endpoint",
-        vllm_server.url,
-        "--json",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    document = json.loads(out.read_text())
-    validate("explain", document)
+    document, proc = explain_on_server(TOOLS_LOG, vllm_server, out)
     assert document["verified"] is True and document["block_size"] == 32
     for row in document["requests"]:
         # the server rendered every body (OpenAI and Anthropic, with tools) to the same tokens
@@ -87,47 +89,15 @@ def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
 
 
 def null_content_log(path: Path) -> Path:
-    """An agent log in every shape vLLM's server accepts: content parts, a tool call with
-    ``"content": null``, tool messages, a name, then the same history with the tool list in
-    another order (a break in the system message)."""
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": n,
-                "description": f"{n} tool.",
-                "parameters": {"type": "object", "properties": {"x": {"type": "string"}}},
-            },
-        }
-        for n in ("read_file", "run_tests", "search_code")
-    ]
-    turns = [
-        {"role": "system", "content": "You are a coding agent. Use the tools. " * 20},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Fix the rounding bug."},
-                {"type": "text", "text": "Start with money.py."},
-            ],
-            "name": "dana",
-        },
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "read_file", "arguments": '{"x": "money.py"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "def round_amount(x): ..."},
-    ]
+    """An agent log in every shape vLLM's server accepts (content parts, a tool call with
+    ``"content": null``, a tool message, a name), then the same history with the tool list in
+    another order (a break in the system message). The system prompt is long enough for blocks."""
+    turns = agent_turns()
+    turns[0] = {"role": "system", "content": "You are a coding agent. Use the tools. " * 20}
     lines = [
-        {"session_id": "s", "messages": turns[:2], "tools": tools},
-        {"session_id": "s", "messages": turns, "tools": tools},
-        {"session_id": "s", "messages": turns, "tools": [tools[1], tools[0], tools[2]]},
+        {"session_id": "s", "messages": turns[:2], "tools": TOOLS},
+        {"session_id": "s", "messages": turns, "tools": TOOLS},
+        {"session_id": "s", "messages": turns, "tools": [TOOLS[1], TOOLS[0], TOOLS[2]]},
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -145,20 +115,7 @@ def test_null_content_tool_calls_and_parts_agree_with_engine_and_server(
     assert [r.engine_cached_tokens for r in rows] == [e.predicted_cached_tokens for e in explained]
     # the server renders the bodies itself: the same prompt lengths and cached tokens
     out = tmp_path / "explain.json"
-    proc = run_script(
-        "-m",
-        "harness.explain",
-        str(log),
-        "--chat-template",
-        str(TOOLS_TEMPLATE),
-        "--endpoint",
-        vllm_server.url,
-        "--json",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    document = json.loads(out.read_text())
-    validate("explain", document)
+    document, _ = explain_on_server(log, vllm_server, out)
     for row, e in zip(document["requests"], explained, strict=True):
         assert row["engine_prompt_tokens"] == row["prompt_tokens"] == e.prompt_tokens
         assert row["engine_cached_tokens"] == row["predicted_cached_tokens"] == e.predicted_cached_tokens

@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -297,6 +297,16 @@ class KeyOrderTrap:
         return asdict(self)
 
 
+@dataclass
+class EditResult(ExampleResult):
+    """The shared result plus the key-order trap, typed until the JSON."""
+
+    key_order_trap: KeyOrderTrap = field(kw_only=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "key_order_trap": self.key_order_trap.to_json()}
+
+
 def key_order_trap(
     renderer: ChatRenderer, block_size: int, quick: bool, context_tokens: int = 3
 ) -> KeyOrderTrap:
@@ -396,7 +406,7 @@ def annotate(
         )
 
 
-def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
+def run(backend: Backend, args: argparse.Namespace) -> EditResult:
     steps = steps_from(args)
     renderer = template_renderer(args.model)
     wrong_requests, right_requests = build_wrong(steps, args.quick), build_right(steps, args.quick)
@@ -415,13 +425,12 @@ def run(backend: Backend, args: argparse.Namespace) -> ExampleResult:
     )
     annotate(wrong, wrong_requests, renderer, "state JSON")
     annotate(right, right_requests, renderer, "state log")
-    trap = key_order_trap(renderer, backend.info.block_size, args.quick)
-    return ExampleResult(
+    return EditResult(
         EXAMPLE,
         backend.info,
         [wrong, right],
         notes=[f"{steps} steps per variant; each variant starts from an empty cache, WRONG first"],
-        extra={"key_order_trap": trap.to_json()},
+        key_order_trap=key_order_trap(renderer, backend.info.block_size, args.quick),
     )
 
 
@@ -463,36 +472,38 @@ def steps_table(variant: VariantResult) -> Table:
     return table
 
 
-def trap_table(trap: dict[str, Any]) -> Table:
+def trap_table(trap: KeyOrderTrap) -> Table:
     table = Table(title="The quieter trap: equal data, keys in another order", title_justify="left")
     table.add_column("token", justify="right")
     table.add_column("json.dumps(state)")
-    table.add_column(f"json.dumps(state), {trap['moved']} rebuilt")
-    for index, old, new in trap["window"]:
-        style = "bold red" if index == trap["first_difference"] else ""
+    table.add_column(f"json.dumps(state), {trap.moved} rebuilt")
+    for index, old, new in trap.window:
+        style = "bold red" if index == trap.first_difference else ""
         table.add_row(str(index), repr(old), repr(new), style=style)
     return table
 
 
 def show_details(result: ExampleResult) -> None:
     """Per step, where each variant left the cache; then the key-order trap on its own."""
+    if not isinstance(result, EditResult):
+        raise TypeError(f"lesson 2 shows its own results, got {type(result).__name__}")
     for name in ("wrong", "right"):
         console.print(steps_table(result.variant(name)))
     wrong_step = result.variant("wrong").requests[1]
     console.print(divergence_panel(wrong_step, "WRONG step 1: where the prompt left the cache"))
 
-    trap = result.extra["key_order_trap"]
+    trap = result.key_order_trap
     console.print(trap_table(trap))
-    lost = trap["cached_same_text"] - trap["cached_keys_moved"]
+    lost = trap.cached_same_text - trap.cached_keys_moved
     console.print(
         f"A no-op edit (T02's status set to what it was) rebuilt the record: equal as data "
-        f"(==): {trap['data_equal']}; the explainer's hint: {trap['hint']}.\n"
+        f"(==): {trap.data_equal}; the explainer's hint: {trap.hint}.\n"
         f"Cached tokens the next request would get (prediction, block size {result.engine.block_size}):\n"
-        f"  text unchanged   {trap['cached_same_text']:>6,} of {trap['prompt_tokens']:,}\n"
-        f"  keys moved       [red]{trap['cached_keys_moved']:>6,}[/] of {trap['prompt_tokens']:,}"
-        f"  (they part at token {trap['first_difference']:,}: {lost:,} more to compute)\n"
-        f"  canonical_json   [green]{trap['cached_canonical']:>6,}[/] of {trap['canonical_prompt_tokens']:,}"
-        f"  (same text for both orders: {trap['canonical_text_equal']})"
+        f"  text unchanged   {trap.cached_same_text:>6,} of {trap.prompt_tokens:,}\n"
+        f"  keys moved       [red]{trap.cached_keys_moved:>6,}[/] of {trap.prompt_tokens:,}"
+        f"  (they part at token {trap.first_difference:,}: {lost:,} more to compute)\n"
+        f"  canonical_json   [green]{trap.cached_canonical:>6,}[/] of {trap.canonical_prompt_tokens:,}"
+        f"  (same text for both orders: {trap.canonical_text_equal})"
     )
 
 

@@ -43,12 +43,12 @@ import argparse
 import random
 import secrets
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness.backend import Backend, Message
 from harness.cli import exit_with, lesson_main
-from harness.console import Table, console
+from harness.console import Table, console, mark
 from harness.errors import UserError
 from harness.measure import RequestRecord, SaltedCaches, VariantResult, roc_auc
 from harness.prefix import cached_tokens_for
@@ -171,8 +171,12 @@ class Attack:
             "candidates": CANDIDATES,
             "true_ttft_ms_median": round(hit, 3),
             "decoy_ttft_ms_median": round(miss, 3),
-            "prediction_matches": all(r.prediction_ok for r in [*self.records, *self.victim_records]),
+            "prediction_matches": self.prediction_matches(),
         }
+
+    def prediction_matches(self) -> bool:
+        """The engine's cached tokens equal the prediction on every probe and victim request."""
+        return all(r.prediction_ok for r in [*self.records, *self.victim_records])
 
 
 def run_attack(backend: Backend, name: str, label: str, salts: Salts, trials: int, seed: int) -> Attack:
@@ -222,6 +226,16 @@ class Sharing:
     @property
     def computed_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "computed_tokens": self.computed_tokens,
+            "hit_rate": round(self.hit_rate, 4),
+            "prediction_matches": self.prediction_matches,
+        }
 
 
 TENANTS = ("alice", "bob", "carol", "dave")
@@ -334,7 +348,31 @@ def variant_of(attack: Attack) -> VariantResult:
     return VariantResult(attack.name, attack.label, attack.records)
 
 
-def run(backend: Backend | None, args: argparse.Namespace) -> ExampleResult:
+@dataclass
+class IsolationResult(ExampleResult):
+    """The shared result plus the attack, the price of isolation and the leak maths, typed until
+    the JSON."""
+
+    attacks: dict[str, Attack] = field(kw_only=True)  # "wrong", "right"
+    sharing: list[Sharing] = field(kw_only=True)
+    leaks: list[Leak] = field(kw_only=True)
+
+    def hit_ttft_speedup(self) -> float:
+        """How much sooner a hit answered than a miss, WRONG's medians."""
+        hit, miss = self.attacks["wrong"].hit_ttft_ms()
+        return round(miss / hit, 3) if hit else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "attack": {name: attack.to_json() for name, attack in self.attacks.items()},
+            "hit_ttft_speedup": self.hit_ttft_speedup(),
+            "price_of_isolation": [s.to_json() for s in self.sharing],
+            "leak": [leak.to_json() for leak in self.leaks],
+        }
+
+
+def run(backend: Backend | None, args: argparse.Namespace) -> IsolationResult:
     assert backend is not None
     trials = trials_from(args)
     with console.status("WRONG: one shared cache; the attacker probes ..."):
@@ -343,9 +381,7 @@ def run(backend: Backend | None, args: argparse.Namespace) -> ExampleResult:
         right = run_attack(backend, "right", "a cache_salt per tenant", salts_right(), trials, args.seed)
     with console.status("the price of isolation: tenants sharing a public system prompt ..."):
         sharing = price_of_isolation(backend, rounds=2 if args.quick else 3)
-    leaks = [leak_maths(backend, "this lesson's prompt"), split_layout(backend)]
-    hit, miss = wrong.hit_ttft_ms()
-    return ExampleResult(
+    return IsolationResult(
         EXAMPLE,
         backend.info,
         [variant_of(wrong), variant_of(right)],
@@ -353,29 +389,16 @@ def run(backend: Backend | None, args: argparse.Namespace) -> ExampleResult:
             f"{trials} trials of {CANDIDATES} candidates per variant (seed {args.seed}); the attacker "
             "decides by TTFT alone; each variant starts from an empty cache",
         ],
-        extra={
-            "attack": {"wrong": wrong.to_json(), "right": right.to_json()},
-            "hit_ttft_speedup": round(miss / hit, 3) if hit else 0.0,
-            "price_of_isolation": [
-                {
-                    "policy": s.policy,
-                    "prompt_tokens": s.prompt_tokens,
-                    "cached_tokens": s.cached_tokens,
-                    "computed_tokens": s.computed_tokens,
-                    "hit_rate": round(s.hit_rate, 4),
-                    "prediction_matches": s.prediction_matches,
-                }
-                for s in sharing
-            ],
-            "leak": [leak.to_json() for leak in leaks],
-        },
+        attacks={"wrong": wrong, "right": right},
+        sharing=sharing,
+        leaks=[leak_maths(backend, "this lesson's prompt"), split_layout(backend)],
     )
 
 
 # --------------------------------------------------------------------------- showing it
 
 
-def attack_table(result: ExampleResult) -> Table:
+def attack_table(result: IsolationResult) -> Table:
     table = Table(title="The attack: pick the victim's account by TTFT alone", title_justify="left")
     for name in (
         "variant",
@@ -386,20 +409,20 @@ def attack_table(result: ExampleResult) -> Table:
         "prediction == engine",
     ):
         table.add_column(name, justify="left" if name == "variant" else "right")
-    for name in ("wrong", "right"):
-        a = result.extra["attack"][name]
+    for name, attack in result.attacks.items():
+        hit, miss = attack.hit_ttft_ms()
         table.add_row(
-            f"{name.upper()}: {result.variant(name).label}",
-            f"{a['auc']:.2f}",
-            f"{a['accuracy']:.0%}",
-            f"{a['chance']:.0%}",
-            f"{a['true_ttft_ms_median']:,.0f} / {a['decoy_ttft_ms_median']:,.0f}",
-            "yes" if a["prediction_matches"] else "NO",
+            f"{name.upper()}: {attack.label}",
+            f"{attack.auc():.2f}",
+            f"{attack.accuracy():.0%}",
+            f"{1 / CANDIDATES:.0%}",
+            f"{hit:,.0f} / {miss:,.0f}",
+            mark(attack.prediction_matches()),
         )
     return table
 
 
-def price_table(result: ExampleResult) -> Table:
+def price_table(result: IsolationResult) -> Table:
     table = Table(
         title="The price of isolation: 4 tenants sharing a public system prompt", title_justify="left"
     )
@@ -412,27 +435,29 @@ def price_table(result: ExampleResult) -> Table:
         "prediction == engine",
     ):
         table.add_column(name, justify="left" if name == "salt policy" else "right")
-    for s in result.extra["price_of_isolation"]:
+    for s in result.sharing:
         table.add_row(
-            s["policy"],
-            f"{s['prompt_tokens']:,}",
-            f"{s['cached_tokens']:,}",
-            f"{s['computed_tokens']:,}",
-            f"{s['hit_rate']:.1%}",
-            "yes" if s["prediction_matches"] else "NO",
+            s.policy,
+            f"{s.prompt_tokens:,}",
+            f"{s.cached_tokens:,}",
+            f"{s.computed_tokens:,}",
+            f"{s.hit_rate:.1%}",
+            mark(s.prediction_matches),
         )
     return table
 
 
 def headline(result: ExampleResult) -> str:
     """The lesson's own figure, for the runner's summary: the attacker's AUC and accuracy."""
-    w, r = result.extra["attack"]["wrong"], result.extra["attack"]["right"]
-    return (
-        f"attacker AUC {w['auc']:.2f} -> {r['auc']:.2f}, accuracy {w['accuracy']:.0%} -> {r['accuracy']:.0%}"
-    )
+    if not isinstance(result, IsolationResult):
+        return ""
+    w, r = result.attacks["wrong"], result.attacks["right"]
+    return f"attacker AUC {w.auc():.2f} -> {r.auc():.2f}, accuracy {w.accuracy():.0%} -> {r.accuracy():.0%}"
 
 
 def show_details(result: ExampleResult) -> None:
+    if not isinstance(result, IsolationResult):
+        raise TypeError(f"lesson 5 shows its own results, got {type(result).__name__}")
     console.print(attack_table(result))
     wrong = result.variant("wrong").requests
     confirmed = all((r.cached_tokens > min(x.cached_tokens for x in wrong)) == r.extra["true"] for r in wrong)
@@ -440,20 +465,20 @@ def show_details(result: ExampleResult) -> None:
     right_decoy = {r.cached_tokens for r in result.variant("right").requests if not r.extra["true"]}
     console.print(
         f"WRONG: the engine's own counts confirm it: every true candidate's probe got more tokens from "
-        f"the cache than every decoy's ({'yes' if confirmed else 'NO'}); a hit answered "
-        f"{result.extra['hit_ttft_speedup']:.1f}x sooner than a miss.\n"
+        f"the cache than every decoy's ({mark(confirmed)}); a hit answered "
+        f"{result.hit_ttft_speedup():.1f}x sooner than a miss.\n"
         f"RIGHT: true candidates were served {sorted(right_true)} cached tokens, decoys "
         f"{sorted(right_decoy)}: only the attacker's own earlier probes (the public template before "
         "the digits), nothing of the victim's."
     )
     console.print(price_table(result))
-    for leak in result.extra["leak"]:
-        b, first = leak["block_size"], leak["first_secret_token"]
-        steps = ", ".join(f"{k}: {v}" for k, v in leak["cached_by_right_digits"].items())
+    for leak in result.leaks:
+        first = leak.first_digit
+        steps = ", ".join(f"{k}: {v}" for k, v in leak.cached_by_right_digits.items())
         console.print(
-            f"What leaks, {leak['layout']}: the account's digits are tokens {first}-{first + DIGITS - 1} "
-            f"(block size {b}). Cached tokens by the number of leading digits a probe has right: {steps}; "
-            f"all {DIGITS}: {leak['cached_all_right']}."
+            f"What leaks, {leak.layout}: the account's digits are tokens {first}-{first + DIGITS - 1} "
+            f"(block size {leak.block_size}). Cached tokens by the number of leading digits a probe has "
+            f"right: {steps}; all {DIGITS}: {leak.cached_all_right}."
         )
     console.print(
         "A probe learns only whole blocks: inside one block the number is all or nothing (10^6 guesses); "

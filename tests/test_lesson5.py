@@ -76,14 +76,15 @@ def test_quick_attack_on_the_engine(engine: OfflineBackend) -> None:
     # WRONG: a true candidate reuses the victim's blocks past the account number; a decoy stops
     # at the block holding its first wrong digit. RIGHT: every probe meets only its own tenant's
     # cache: the public template the attacker sent itself, the same for true and decoy.
-    leak = result.extra["leak"][0]
+    data = result.to_json()  # the lesson's findings as its JSON gives them
+    leak = data["leak"][0]
     upto_number = block * (leak["first_secret_token"] // block)
     assert {r.cached_tokens for r in wrong if not r.extra["true"]} == {upto_number}
     assert all(r.cached_tokens > upto_number for r in wrong if r.extra["true"])
     assert {r.cached_tokens for r in right} == {upto_number}
-    assert result.extra["attack"]["wrong"]["accuracy"] >= 0.0  # timing is reported, not asserted
-    shared, domain, tenant = (p["cached_tokens"] for p in result.extra["price_of_isolation"])
+    assert data["attack"]["wrong"]["accuracy"] >= 0.0  # timing is reported, not asserted
+    shared, domain, tenant = (p["cached_tokens"] for p in data["price_of_isolation"])
     assert shared > domain > tenant > 0
-    assert all(p["prediction_matches"] for p in result.extra["price_of_isolation"])
-    split = result.extra["leak"][1]["cached_by_right_digits"]
+    assert all(p["prediction_matches"] for p in data["price_of_isolation"])
+    split = data["leak"][1]["cached_by_right_digits"]
     assert split["3"] == split["2"] + block  # three right digits fill the block before the boundary

@@ -39,13 +39,13 @@ def prompt_cost_usd(variant: VariantResult, provider_model: str) -> float | None
 
 @dataclass
 class ExampleResult:
-    """One lesson's run: what the JSON contract calls an example."""
+    """One lesson's run: what the JSON contract calls an example. A lesson with findings of its own
+    subclasses it with typed fields and adds them in ``to_json`` (lessons 2-5)."""
 
     example: str
     engine: EngineInfo
     variants: list[VariantResult]
     notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # lesson-specific top-level fields
     price_as: str = DEFAULT_PRICE_AS  # the provider:model whose list prices the summary quotes
 
     def variant(self, name: str) -> VariantResult:
@@ -72,7 +72,6 @@ class ExampleResult:
         }
         if self.notes:
             out["notes"] = self.notes
-        out.update(self.extra)
         return out
 
 

@@ -11,28 +11,29 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-__all__ = ["Panel", "Table", "console", "err_console", "escape", "mark"]
+__all__ = ["Panel", "Table", "console", "err_console", "escape", "mark", "new_console"]
 
 # Off a terminal (a file, a pipe, a CI log) rich would lay tables out for 80 columns and cut
 # lesson 4's eleven columns to "prom…"; 120 keeps every header whole. COLUMNS still wins.
 OFF_TERMINAL_WIDTH = 120
 
 
-def _width(stream: TextIO) -> int | None:
-    if "COLUMNS" in os.environ or stream.isatty():
-        return None  # rich's own choice: the terminal's width, or COLUMNS
-    return OFF_TERMINAL_WIDTH
+def new_console(off_terminal_width: int = OFF_TERMINAL_WIDTH, stderr: bool = False) -> Console:
+    """A console as wide as the terminal, or ``off_terminal_width`` columns when the stream is not
+    one (a log has no width: rows stay whole); ``COLUMNS`` wins over both."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = "COLUMNS" not in os.environ and not stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=off_terminal_width if wide else None)
 
 
-console = Console(highlight=False, width=_width(sys.stdout))
-err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+console = new_console()
+err_console = new_console(stderr=True)
 
 
 def mark(ok: bool | None) -> str:

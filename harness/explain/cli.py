@@ -164,11 +164,9 @@ def _progress(console: Any, total: int, label: str) -> Iterator[Callable[[object
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from harness.console import err_console as err
     from harness.model import resolve_model
 
-    err = Console(stderr=True, highlight=False)
     if args.block_size is not None and args.block_size <= 0:
         raise UserError(f"--block-size must be a positive number of tokens, got {args.block_size}")
     if args.context < 0:

@@ -20,7 +20,6 @@ Columns of the table:
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,14 +169,10 @@ def _where(e: RequestExplanation) -> str:
 
 
 def _console() -> Any:
-    """stdout, wide when it is not a terminal (a pipe, a CI log, a file): rich would wrap tables
-    at 80 columns there; keep rows whole."""
-    import os
+    """stdout, 140 columns when it is not a terminal: the request table's rows stay whole."""
+    from harness.console import new_console
 
-    from rich.console import Console
-
-    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(highlight=False, width=140 if wide else None)
+    return new_console(off_terminal_width=140)
 
 
 def print_report(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from harness import outputs
+from harness.console import new_console
 from harness.errors import UserError
 from harness.monitor.dashboard import DASHBOARD_TITLE, dashboard, fmt_pct, plain_line, save_dashboard
 from harness.monitor.kv_events import KvEventCounter
@@ -430,10 +430,8 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. User errors print one line (``error: ...``) and return their exit code."""
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # A log has no width; the table needs about 170 columns to show every figure unclipped.
-        console = Console(highlight=False, width=200)
+    # Off a terminal the table needs about 170 columns to show every figure unclipped.
+    console = new_console(off_terminal_width=200)
     from harness.cli import run_cli
 
     return run_cli(lambda args: run_monitor(args, console), list(argv) if argv is not None else None)

@@ -33,6 +33,7 @@ class ServerProcess:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes]
+    api_key: str = "EMPTY"  # what a client sends as its key (the server checks it when started with one)
 
     @property
     def url(self) -> str:
@@ -116,9 +117,11 @@ class LocalServers:
         timeout_s: float = 600.0,
         on_status: Callable[[str], None] | None = None,
         extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.opts = opts
         self.extra_args = list(extra_args)  # more api_server flags, e.g. --chat-template
+        self.env = dict(env or {})  # more environment for the servers, e.g. VLLM_ENABLE_RESPONSES_API_STORE
         self.count = count
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlessons-servers-"))
         self.timeout_s = timeout_s
@@ -158,7 +161,7 @@ class LocalServers:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(self.opts, index, self.count),
+                env=server_environment(self.opts, index, self.count) | self.env,
                 start_new_session=True,  # its own process group: stop() kills the engine core too
             )
             log.close()

@@ -66,7 +66,9 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
     logs = tmp_path_factory.mktemp("server-logs")
     opts = EngineOptions(model=model_path, device="cpu")
     extra = ["--chat-template", str(TOOLS_TEMPLATE)]
-    with LocalServers(opts, count=1, log_dir=logs, extra_args=extra) as servers:
+    # The Responses API's previous_response_id needs vLLM's response store (off by default).
+    env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+    with LocalServers(opts, count=1, log_dir=logs, extra_args=extra, env=env) as servers:
         yield servers[0]
     assert not servers[0].alive()
 

@@ -55,7 +55,14 @@ Exit status: 0; 1 when ``--verify`` finds the engine disagreeing with the predic
 input (a malformed line, a missing file, ...), reported as one line on stderr: ``error: ...``.
 """
 
-from harness.explain.analyze import SCOPES, SESSION, SHARED, RequestExplanation, explain_requests
+from harness.explain.analyze import (
+    SCOPES,
+    SESSION,
+    SHARED,
+    LogExplainer,
+    RequestExplanation,
+    explain_requests,
+)
 from harness.explain.formats import ChatRequest, SkippedLine, parse_record, read_requests
 from harness.explain.hints import Hint, detect_hint, explain_change
 from harness.explain.report import check_json_target, report_json
@@ -66,6 +73,7 @@ __all__ = [
     "SHARED",
     "ChatRequest",
     "Hint",
+    "LogExplainer",
     "RequestExplanation",
     "SkippedLine",
     "check_json_target",

@@ -107,14 +107,14 @@ class _Cache:
     """One cache namespace: the block model and, per recorded sequence, which request it was."""
 
     model: PrefixCacheModel
-    owners: list[int] = field(default_factory=list)  # sequence -> position in the log
+    owners: list[int] = field(default_factory=list)  # sequence -> the log line of its request
     # sequence -> (conversation, tools) as the template saw them: what the hints compare. Only
     # these two are kept (not the whole rendering) so a large log stays small in memory.
     shapes: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = field(default_factory=list)
 
-    def record(self, position: int, prompt: Sequence[int], reply: Sequence[int], rendered: Rendered) -> None:
+    def record(self, line: int, prompt: Sequence[int], reply: Sequence[int], rendered: Rendered) -> None:
         self.model.record(prompt, reply)
-        self.owners.append(position)
+        self.owners.append(line)
         self.shapes.append((rendered.conversation, rendered.tools))
 
 
@@ -128,24 +128,38 @@ def _status(first_divergence: int, prompt_len: int, reference_len: int | None) -
     return "break"
 
 
-def explain_requests(
-    requests: Sequence[ChatRequest],
-    renderer: ChatRenderer,
-    block_size: int,
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-    scope: str = SHARED,
-    on_request: Callable[[RequestExplanation], None] | None = None,
-) -> list[RequestExplanation]:
-    """Predict and explain each request's cache hit (see the module docstring)."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
-    caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
-    sessions: dict[str | None, _Cache] = {}  # every request of a session, whatever its salt
-    other_scope = SESSION if scope == SHARED else SHARED
-    lines = [r.line for r in requests]
-    results: list[RequestExplanation] = []
-    for position, request in enumerate(requests):
+class LogExplainer:
+    """The analysis of a log, one request at a time, in the order sent (see the module docstring).
+
+    It holds the cache models of both scopes and of every session, so a caller can feed it
+    requests as they arrive (a log read line by line, a proxy's live traffic) and get each
+    request's explanation at once.
+    """
+
+    def __init__(
+        self,
+        renderer: ChatRenderer,
+        block_size: int,
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+        scope: str = SHARED,
+    ) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self.renderer = renderer
+        self.block_size = block_size
+        self.context_tokens = context_tokens
+        self.scope = scope
+        self.other_scope = SESSION if scope == SHARED else SHARED
+        # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
+        self._caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
+        self._sessions: dict[str | None, _Cache] = {}  # every request of a session, whatever its salt
+
+    def _new_cache(self) -> _Cache:
+        return _Cache(PrefixCacheModel(self.block_size))
+
+    def explain(self, request: ChatRequest) -> RequestExplanation:
+        """Predict and explain one request's cache hit, then remember it for the ones after."""
+        renderer, block_size, scope = self.renderer, self.block_size, self.scope
         rendered = renderer.render(request)
         prompt = rendered.token_ids
 
@@ -154,15 +168,12 @@ def explain_requests(
             SESSION: (request.session_id, rendered.cache_salt),
         }
         cache, other = (
-            caches[name].setdefault(keys[name], _Cache(PrefixCacheModel(block_size)))
-            for name in (scope, other_scope)
+            self._caches[name].setdefault(keys[name], self._new_cache()) for name in (scope, self.other_scope)
         )
-        session = sessions.setdefault(request.session_id, _Cache(PrefixCacheModel(block_size)))
+        session = self._sessions.setdefault(request.session_id, self._new_cache())
 
         hit = cache.model.predict(prompt)
-        cached_from = (
-            lines[cache.owners[hit.source]] if hit.source is not None and hit.cached_tokens else None
-        )
+        cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None
         own = session.model.predict(prompt)
         ref = own.source if len(session.owners) else None
         reference = session.model.sequence(ref) if ref is not None else None
@@ -185,7 +196,7 @@ def explain_requests(
                 if message_index is None
                 else str(rendered.conversation[message_index]["role"])
             )
-            divergence = explain_divergence(prompt, reference, renderer.decode, context_tokens)
+            divergence = explain_divergence(prompt, reference, renderer.decode, self.context_tokens)
         if status == "break" and ref is not None:
             conversation, tools = session.shapes[ref]
             hint = explain_change(conversation, rendered.conversation, tools, rendered.tools, message_index)
@@ -204,17 +215,17 @@ def explain_requests(
                 predicted=hit.cached_tokens,
                 common_prefix=hit.common_prefix,
                 block_size=block_size,
-                other_scope=(other_scope, other.model.predict(prompt).cached_tokens),
+                other_scope=(self.other_scope, other.model.predict(prompt).cached_tokens),
             )
         for holder in (cache, other, session):
-            holder.record(position, prompt, reply, rendered)
-        result = RequestExplanation(
+            holder.record(request.line, prompt, reply, rendered)
+        return RequestExplanation(
             line=request.line,
             session_id=request.session_id,
             prompt_tokens=len(prompt),
             predicted_cached_tokens=hit.cached_tokens,
             status=status,
-            reference_line=lines[session.owners[ref]] if ref is not None else None,
+            reference_line=session.owners[ref] if ref is not None else None,
             first_divergence=index,
             message_index=message_index,
             role=role,
@@ -232,6 +243,21 @@ def explain_requests(
             token_ids=array("q", prompt),
             reply_ids=array("q", reply),
         )
+
+
+def explain_requests(
+    requests: Sequence[ChatRequest],
+    renderer: ChatRenderer,
+    block_size: int,
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    scope: str = SHARED,
+    on_request: Callable[[RequestExplanation], None] | None = None,
+) -> list[RequestExplanation]:
+    """Predict and explain each request's cache hit (see the module docstring)."""
+    explainer = LogExplainer(renderer, block_size, context_tokens, scope)
+    results: list[RequestExplanation] = []
+    for request in requests:
+        result = explainer.explain(request)
         results.append(result)
         if on_request is not None:
             on_request(result)

@@ -23,6 +23,7 @@ analysis grows with the number of tokens in the log, not with its square.
 
 from __future__ import annotations
 
+import json
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from harness.explain.formats import ChatRequest, LoggedUsage
 from harness.explain.hints import Hint, explain_change
 from harness.explain.reconcile import Reconciliation, reconcile
 from harness.explain.render import ChatRenderer, Rendered
-from harness.prefix import Divergence, PrefixCacheModel, cached_tokens_for, explain_divergence
+from harness.prefix import BlockChain, Divergence, PrefixCacheModel, cached_tokens_for, explain_divergence
 
 SHARED = "shared"
 SESSION = "session"
@@ -107,15 +108,35 @@ class _Cache:
     """One cache namespace: the block model and, per recorded sequence, which request it was."""
 
     model: PrefixCacheModel
-    owners: list[int] = field(default_factory=list)  # sequence -> the log line of its request
-    # sequence -> (conversation, tools) as the template saw them: what the hints compare. Only
-    # these two are kept (not the whole rendering) so a large log stays small in memory.
-    shapes: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = field(default_factory=list)
+    owners: array[int] = field(default_factory=lambda: array("q"))  # sequence -> its request's line
 
-    def record(self, line: int, prompt: Sequence[int], reply: Sequence[int], rendered: Rendered) -> None:
-        self.model.record(prompt, reply)
+    def record(self, line: int, chain: BlockChain, reply: Sequence[int]) -> None:
+        self.model.record(chain, reply)
         self.owners.append(line)
-        self.shapes.append((rendered.conversation, rendered.tools))
+
+
+@dataclass
+class _Session:
+    """What the analysis keeps of one open session: every request's tokens (each stored as what it
+    adds to an earlier one) and shape, to compare a new request with the one it meant to extend."""
+
+    cache: _Cache
+    # sequence -> (conversation, tools) as the template saw them: what the hints compare. Messages
+    # and tool lists that repeat are one object (``_intern``), so a session costs its distinct
+    # messages, not the sum of its requests.
+    shapes: list[tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]] = field(default_factory=list)
+    interned: dict[str, Any] = field(default_factory=dict)
+    chain: BlockChain | None = None  # the latest request's blocks: the next one hashes only what is new
+    last_seen: float = 0.0  # when it was last used (the log's timestamp, else the request's number)
+
+    def intern(self, value: Any) -> Any:
+        key = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+        return self.interned.setdefault(key, value)
+
+    def shape(self, rendered: Rendered) -> tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]:
+        conversation = tuple(self.intern(message) for message in rendered.conversation)
+        tools = self.intern(rendered.tools) if rendered.tools is not None else None
+        return conversation, tools
 
 
 def _status(first_divergence: int, prompt_len: int, reference_len: int | None) -> str:
@@ -128,12 +149,47 @@ def _status(first_divergence: int, prompt_len: int, reference_len: int | None) -
     return "break"
 
 
+DEFAULT_SESSION_WINDOW_S = 3600.0  # a session idle this long is closed (its state dropped)
+DEFAULT_SESSION_WINDOW_REQUESTS = 20_000  # the same for a log without timestamps, in requests
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """How much the cache models held: what an engine needs to serve the log as predicted."""
+
+    scope: str
+    peak_blocks: int  # the most full blocks one cache held at once
+    block_size: int
+    evicted_blocks: int  # under --cache-tokens
+    capacity_blocks: int | None
+    sessions_closed: int  # sessions idle longer than the window, their state dropped
+    sessions_reopened: int  # of those, how many came back (analysed as new sessions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "peak_tokens": self.peak_blocks * self.block_size,
+            "evicted_tokens": self.evicted_blocks * self.block_size,
+            "capacity_tokens": (
+                None if self.capacity_blocks is None else self.capacity_blocks * self.block_size
+            ),
+            "sessions_closed": self.sessions_closed,
+            "sessions_reopened": self.sessions_reopened,
+        }
+
+
 class LogExplainer:
     """The analysis of a log, one request at a time, in the order sent (see the module docstring).
 
-    It holds the cache models of both scopes and of every session, so a caller can feed it
-    requests as they arrive (a log read line by line, a proxy's live traffic) and get each
-    request's explanation at once.
+    It holds the cache models of both scopes and the state of every open session, so a caller can
+    feed it requests as they arrive (a log read line by line, a proxy's live traffic) and get each
+    request's explanation at once. What it holds is bounded by the caches, not by the log:
+
+    * the cache models keep one entry per distinct block (``harness.prefix.PrefixCacheModel``),
+      at most ``cache_tokens`` per cache when given (least recently used evicted, as vLLM does);
+    * a session keeps what its requests add to each other, and is closed (its state dropped; under
+      ``--scope session`` its cache too) once idle longer than ``session_window``: seconds of the
+      log's timestamps, or ``DEFAULT_SESSION_WINDOW_REQUESTS`` requests for a log without them.
     """
 
     def __init__(
@@ -142,6 +198,8 @@ class LogExplainer:
         block_size: int,
         context_tokens: int = DEFAULT_CONTEXT_TOKENS,
         scope: str = SHARED,
+        cache_tokens: int | None = None,
+        session_window: float | None = DEFAULT_SESSION_WINDOW_S,
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -150,16 +208,63 @@ class LogExplainer:
         self.context_tokens = context_tokens
         self.scope = scope
         self.other_scope = SESSION if scope == SHARED else SHARED
+        self.capacity_blocks = None if cache_tokens is None else max(1, cache_tokens // block_size)
+        self.session_window = session_window
         # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
         self._caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
-        self._sessions: dict[str | None, _Cache] = {}  # every request of a session, whatever its salt
+        self._sessions: dict[str | None, _Session] = {}  # every request of a session, whatever its salt
+        self._closed: set[str | None] = set()
+        self._requests = 0
+        self._peak_blocks = 0
+        self._evicted_blocks = 0
+        self.sessions_closed = 0
+        self.sessions_reopened = 0
 
-    def _new_cache(self) -> _Cache:
-        return _Cache(PrefixCacheModel(self.block_size))
+    def _new_cache(self, keep_sequences: bool = False) -> _Cache:
+        return _Cache(PrefixCacheModel(self.block_size, self.capacity_blocks, keep_sequences))
+
+    def _clock(self, request: ChatRequest) -> tuple[float, float | None]:
+        """(now, window) on the log's clock: its timestamps, else the request count."""
+        if request.timestamp is not None:
+            return request.timestamp, self.session_window
+        return float(self._requests), None if self.session_window is None else DEFAULT_SESSION_WINDOW_REQUESTS
+
+    def _close_idle(self, now: float, window: float | None) -> None:
+        if window is None:
+            return
+        idle = [sid for sid, state in self._sessions.items() if now - state.last_seen > window]
+        for sid in idle:
+            del self._sessions[sid]
+            for key in [k for k in self._caches[SESSION] if k[0] == sid]:
+                self._count_cache(self._caches[SESSION].pop(key))
+            self._closed.add(sid)
+            self.sessions_closed += 1
+
+    def _count_cache(self, cache: _Cache) -> None:
+        self._peak_blocks = max(self._peak_blocks, cache.model.peak_blocks)
+        self._evicted_blocks += cache.model.evicted_blocks
+
+    def cache_use(self) -> CacheUse:
+        for cache in self._caches[self.scope].values():
+            self._count_cache(cache)
+        evicted, self._evicted_blocks = self._evicted_blocks, 0  # counted once per call
+        return CacheUse(
+            self.scope,
+            self._peak_blocks,
+            self.block_size,
+            evicted,
+            self.capacity_blocks,
+            self.sessions_closed,
+            self.sessions_reopened,
+        )
 
     def explain(self, request: ChatRequest) -> RequestExplanation:
         """Predict and explain one request's cache hit, then remember it for the ones after."""
         renderer, block_size, scope = self.renderer, self.block_size, self.scope
+        now, window = self._clock(request)
+        self._requests += 1
+        if window is not None and self._requests % 64 == 0:  # not every request: sessions are many
+            self._close_idle(now, window)
         rendered = renderer.render(request)
         prompt = rendered.token_ids
 
@@ -170,13 +275,20 @@ class LogExplainer:
         cache, other = (
             self._caches[name].setdefault(keys[name], self._new_cache()) for name in (scope, self.other_scope)
         )
-        session = self._sessions.setdefault(request.session_id, self._new_cache())
+        session = self._sessions.get(request.session_id)
+        if session is None:
+            if request.session_id in self._closed:
+                self._closed.discard(request.session_id)
+                self.sessions_reopened += 1
+            session = self._sessions[request.session_id] = _Session(self._new_cache(keep_sequences=True))
+        session.last_seen = now
+        chain = BlockChain(prompt, block_size, previous=session.chain)
 
-        hit = cache.model.predict(prompt)
+        hit = cache.model.predict(chain)
         cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None
-        own = session.model.predict(prompt)
-        ref = own.source if len(session.owners) else None
-        reference = session.model.sequence(ref) if ref is not None else None
+        own = session.cache.model.predict(chain)
+        ref = own.source if len(session.cache.owners) else None
+        reference = session.cache.model.sequence(ref) if ref is not None else None
         index = own.common_prefix
         status = _status(index, len(prompt), len(reference) if reference is not None else None)
 
@@ -199,7 +311,9 @@ class LogExplainer:
             divergence = explain_divergence(prompt, reference, renderer.decode, self.context_tokens)
         if status == "break" and ref is not None:
             conversation, tools = session.shapes[ref]
-            hint = explain_change(conversation, rendered.conversation, tools, rendered.tools, message_index)
+            hint = explain_change(
+                list(conversation), rendered.conversation, tools, rendered.tools, message_index
+            )
 
         reply: list[int] = []
         reply_source: str | None = None
@@ -215,17 +329,19 @@ class LogExplainer:
                 predicted=hit.cached_tokens,
                 common_prefix=hit.common_prefix,
                 block_size=block_size,
-                other_scope=(self.other_scope, other.model.predict(prompt).cached_tokens),
+                other_scope=(self.other_scope, other.model.predict(chain).cached_tokens),
             )
-        for holder in (cache, other, session):
-            holder.record(request.line, prompt, reply, rendered)
+        for holder in (cache, other, session.cache):
+            holder.record(request.line, chain, reply)
+        session.shapes.append(session.shape(rendered))
+        session.chain = chain
         return RequestExplanation(
             line=request.line,
             session_id=request.session_id,
             prompt_tokens=len(prompt),
             predicted_cached_tokens=hit.cached_tokens,
             status=status,
-            reference_line=session.owners[ref] if ref is not None else None,
+            reference_line=session.cache.owners[ref] if ref is not None else None,
             first_divergence=index,
             message_index=message_index,
             role=role,

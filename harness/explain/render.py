@@ -33,6 +33,7 @@ from typing import Any
 
 from harness.errors import UserError, first_line
 from harness.explain.formats import ANTHROPIC, OPENAI, ChatRequest, LoggedResponse
+from harness.explain.pieces import PieceTokenizer
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,28 @@ class ChatRenderer:
             return await original(model_config, tokenizer, conversation, **kwargs)
 
         renderer._apply_chat_template_async = recording
+        # Tokenize only the pieces of the prompt not seen lately (harness.explain.pieces): the
+        # same IDs and offsets as vLLM's own call, checked on a sample of prompts.
+        self.pieces = PieceTokenizer(self.tokenizer)
+        self.notes: list[str] = []  # what the run should say once (e.g. splitting switched off)
+        whole_tokenize = renderer._tokenize_prompt
+        wants_offsets = renderer._wants_offsets
+
+        async def tokenize(prompt: Any, params: Any) -> Any:
+            kwargs = params.get_encode_kwargs()
+            if kwargs.get("add_special_tokens") or prompt.get("multi_modal_data"):
+                return whole_tokenize(prompt, params)
+            ids, offsets, note = self.pieces.tokenize(prompt["prompt"])
+            limit = kwargs.get("max_length") if kwargs.get("truncation") else None
+            if limit is not None and len(ids) > limit:
+                return whole_tokenize(prompt, params)  # the tokenizer truncates: let it
+            if note is not None:
+                self.notes.append(note)
+            if wants_offsets(prompt, params):
+                return {"prompt_token_ids": ids, "prompt_token_offsets": offsets, **prompt}
+            return {"prompt_token_ids": ids, **prompt}
+
+        renderer._tokenize_prompt_async = tokenize
         self._loop = asyncio.new_event_loop()
         self._request_cls = ChatCompletionRequest
         self._anthropic_cls = AnthropicMessagesRequest

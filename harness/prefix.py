@@ -100,7 +100,7 @@ class BlockChain:
         keys: list[int] = []
         if previous is not None and previous.block_size == block_size and previous.keys:
             same = min(len(previous.keys), self.length // block_size)
-            while same and self.data[: same * size] != previous.data[: same * size]:
+            if not self.data.startswith(memoryview(previous.data)[: same * size]):
                 same = _shared_tokens(self.data, previous.data) // block_size
             keys = previous.keys[:same]
         parent = keys[-1] if keys else ROOT
@@ -117,12 +117,14 @@ class BlockChain:
         return self.data[index * size : (index + 1) * size]
 
 
-def _shared_tokens(a: bytes, b: bytes) -> int:
-    """Leading tokens two byte strings of tokens share (a binary search over C comparisons)."""
-    lo, hi = 0, min(len(a), len(b)) // TOKEN_BYTES
+def _shared_tokens(a: bytes, b: bytes, a_at: int = 0, b_at: int = 0) -> int:
+    """Tokens ``a[a_at:]`` and ``b[b_at:]`` (byte offsets) share at their start: a binary search
+    over C comparisons that copy nothing (``startswith`` of a memoryview)."""
+    view = memoryview(b)
+    lo, hi = 0, min(len(a) - a_at, len(b) - b_at) // TOKEN_BYTES
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[: mid * TOKEN_BYTES] == b[: mid * TOKEN_BYTES]:
+        if a.startswith(view[b_at : b_at + mid * TOKEN_BYTES], a_at):
             lo = mid
         else:
             hi = mid - 1
@@ -299,6 +301,41 @@ class PrefixCacheModel:
         for piece in reversed(pieces):
             out.extend(piece)
         return out
+
+
+RESYNC = 8  # tokens two prompts must share again for a changed span to end
+
+
+def resync(new: Sequence[int], old: Sequence[int], start: int) -> tuple[int, int]:
+    """(end in ``new``, end in ``old``): the first place after ``start`` where the two prompts
+    agree again for good: ``RESYNC`` tokens of ``new`` found in ``old`` (after ``start`` there
+    too), from where they agree to the end of ``old``. A reordered JSON object or tool list repeats
+    long runs of the old text in another place; those stop agreeing before the end and do not
+    count. When no place agrees to the end (a second change later on), the longest agreement wins
+    (the first of equals); when there is none, the ends of both.
+
+    The runs of ``old`` are found by a byte search over the tokens (C speed), and a match that
+    merely continues the one before it is skipped: it agrees no longer than that one did.
+    """
+    new_bytes, old_bytes = token_bytes(new), token_bytes(old)
+    width = RESYNC * TOKEN_BYTES
+    best, best_run = (len(new), len(old)), 0
+    for i in range(start, len(new) - RESYNC + 1):
+        gram = new_bytes[i * TOKEN_BYTES : i * TOKEN_BYTES + width]
+        at = old_bytes.find(gram, start * TOKEN_BYTES)
+        while at >= 0:
+            if at % TOKEN_BYTES:  # a match across token boundaries: not a token match
+                at = old_bytes.find(gram, at + 1)
+                continue
+            j = at // TOKEN_BYTES
+            if not (i > start and j > start and new[i - 1] == old[j - 1]):
+                run = _shared_tokens(new_bytes, old_bytes, i * TOKEN_BYTES, at)
+                if j + run == len(old):
+                    return i, j
+                if run > best_run:
+                    best, best_run = (i, j), run
+            at = old_bytes.find(gram, at + TOKEN_BYTES)
+    return best
 
 
 @dataclass(frozen=True)

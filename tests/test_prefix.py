@@ -107,3 +107,46 @@ def test_index_equals_brute_force_on_random_sequences() -> None:
             m.record(prompt, output)
             seen.append(prompt + output[:-1])
             assert list(m.sequence(-1)) == seen[-1]
+
+
+def _resync_by_definition(new: list[int], old: list[int], start: int, window: int) -> tuple[int, int]:
+    """resync as first written: every window of ``old`` in a dict, every run compared token by token."""
+    grams: dict[tuple[int, ...], list[int]] = {}
+    for j in range(start, len(old) - window + 1):
+        grams.setdefault(tuple(old[j : j + window]), []).append(j)
+    best, best_run = (len(new), len(old)), 0
+    for i in range(start, len(new) - window + 1):
+        for j in grams.get(tuple(new[i : i + window]), ()):
+            run = common_prefix_len(new[i:], old[j:])
+            if j + run == len(old):
+                return i, j
+            if run > best_run:
+                best, best_run = (i, j), run
+    return best
+
+
+def test_resync_equals_its_definition_on_random_edits() -> None:
+    """The byte-search resync against the n-gram definition: a value replaced, a block moved
+    (a reordered list: runs that stop agreeing), two changes (no agreement to the end), none."""
+    import random
+
+    from harness.prefix import RESYNC, resync
+
+    rng = random.Random(11)
+    for _ in range(400):
+        old = [rng.randint(0, 5) for _ in range(rng.randint(0, 80))]
+        new = list(old)
+        start = rng.randint(0, len(old))
+        kind = rng.randrange(4)
+        if kind == 0:  # a value replaced at start
+            new[start : start + rng.randint(0, 4)] = [rng.randint(0, 5) for _ in range(rng.randint(1, 4))]
+        elif kind == 1 and len(old) > start + 10:  # a piece moved (reordered)
+            cut = rng.randint(start + 1, len(old) - 1)
+            new = old[:start] + old[cut:] + old[start:cut]
+        elif kind == 2:  # two changes
+            new[start : start + 1] = [9]
+            if len(new) > start + 20:
+                new[start + 15] = 8
+        new += [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]  # the next turn appended
+        start = min(start, common_prefix_len(new, old))
+        assert resync(new, old, start) == _resync_by_definition(new, old, start, RESYNC), (new, old, start)

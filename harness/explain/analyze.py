@@ -33,7 +33,14 @@ from harness.explain.formats import ChatRequest, LoggedUsage
 from harness.explain.hints import Hint, explain_change
 from harness.explain.reconcile import Reconciliation, reconcile
 from harness.explain.render import ChatRenderer, Rendered
-from harness.prefix import BlockChain, Divergence, PrefixCacheModel, cached_tokens_for, explain_divergence
+from harness.prefix import (
+    BlockChain,
+    Divergence,
+    PrefixCacheModel,
+    cached_tokens_for,
+    explain_divergence,
+    resync,
+)
 
 SHARED = "shared"
 SESSION = "session"
@@ -66,6 +73,11 @@ class RequestExplanation:
     usage: LoggedUsage | None = None
     reconciliation: Reconciliation | None = None
     longer_than_context: bool = False  # a vLLM server with this model would refuse it
+    # On a break, the changed span (``harness.prefix.resync``): where this prompt and its
+    # reference agree again, in each, and the span's text; found here, while both are at hand.
+    span_end: int = 0
+    span_reference_end: int = 0
+    span_text: str = ""
     token_ids: Sequence[int] = field(default=(), repr=False, compare=False)  # the prompt as rendered
     reply_ids: Sequence[int] = field(default=(), repr=False, compare=False)  # the reply as generated
 
@@ -309,11 +321,15 @@ class LogExplainer:
                 else str(rendered.conversation[message_index]["role"])
             )
             divergence = explain_divergence(prompt, reference, renderer.decode, self.context_tokens)
-        if status == "break" and ref is not None:
+        span_end = span_reference_end = 0
+        span_text = ""
+        if status == "break" and ref is not None and reference is not None:
             conversation, tools = session.shapes[ref]
             hint = explain_change(
                 list(conversation), rendered.conversation, tools, rendered.tools, message_index
             )
+            span_end, span_reference_end = resync(prompt, reference, index)
+            span_text = renderer.decode(prompt[index:span_end])
 
         reply: list[int] = []
         reply_source: str | None = None
@@ -356,6 +372,9 @@ class LogExplainer:
             usage=usage,
             reconciliation=reconciliation,
             longer_than_context=len(prompt) > renderer.max_model_len,
+            span_end=span_end,
+            span_reference_end=span_reference_end,
+            span_text=span_text,
             token_ids=array("q", prompt),
             reply_ids=array("q", reply),
         )

@@ -34,6 +34,7 @@ from typing import Any
 from harness.errors import UserError, first_line
 from harness.explain.formats import ANTHROPIC, OPENAI, ChatRequest, LoggedResponse
 from harness.explain.pieces import PieceTokenizer
+from harness.prefix import common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -247,16 +248,29 @@ class ChatRenderer:
         Message k ends where the template's text for the first k + 1 messages ends: exact
         whenever that text is a prefix of the whole prompt (every message keeps its text when
         more follow). A template that rewrites earlier turns moves the end to where the two
-        texts stop agreeing, the closest boundary the text allows.
+        texts stop agreeing, the closest boundary the text allows. The search starts from the
+        last message and widens its steps backwards (a request usually changes, or adds, its
+        last messages), then halves: a few renderings of the template, not one per message.
         """
         char = rendered.char_at(index)
         n = len(rendered.conversation)
-        lo, hi = 0, n  # answer in [lo, hi]; hi == n means "after the last message"
+
+        def end(k: int) -> int:
+            text = self.template_text(rendered, rendered.conversation[: k + 1])
+            return len(text) if rendered.text.startswith(text) else common_prefix_len(text, rendered.text)
+
+        lo, hi = 0, n  # the answer, the first message ending past ``char``, is in [lo, hi]
+        k, step = n - 1, 1
+        while k >= lo:
+            if end(k) > char:
+                hi, k = k, k - step
+                step = step * 2 if hi < n - 2 else 1  # one by one over the last three messages
+            else:
+                lo = k + 1
+                break
         while lo < hi:
             mid = (lo + hi) // 2
-            text = self.template_text(rendered, rendered.conversation[: mid + 1])
-            end = len(text) if rendered.text.startswith(text) else _common_prefix(text, rendered.text)
-            if end > char:
+            if end(mid) > char:
                 hi = mid
             else:
                 lo = mid + 1
@@ -314,14 +328,6 @@ class ChatRenderer:
 
     def close(self) -> None:
         self._loop.close()
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _validation_message(exc: Exception) -> str:

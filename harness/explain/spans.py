@@ -38,9 +38,6 @@ from typing import Any
 from harness.explain.analyze import RequestExplanation
 from harness.explain.formats import OPENAI, ChatRequest
 from harness.explain.hints import _json_values
-from harness.prefix import common_prefix_len
-
-RESYNC = 8  # tokens the two prompts must share again for a span to end
 
 VALUE_KINDS = ("timestamp", "date", "uuid", "counter", "text_inserted")
 FIXES = {
@@ -90,27 +87,6 @@ class VolatileSpan:
         }
 
 
-def resync(new: Sequence[int], old: Sequence[int], start: int) -> tuple[int, int]:
-    """(end in ``new``, end in ``old``): the first place after ``start`` where the two prompts
-    agree again for good: ``RESYNC`` tokens of ``new`` found in ``old`` (after ``start`` there
-    too), from where they agree to the end of ``old``. A reordered JSON object or tool list repeats
-    long runs of the old text in another place; those stop agreeing before the end and do not
-    count. When no place agrees to the end (a second change later on), the longest agreement wins;
-    when there is none, the ends of both."""
-    grams: dict[tuple[int, ...], list[int]] = {}
-    for j in range(start, len(old) - RESYNC + 1):
-        grams.setdefault(tuple(old[j : j + RESYNC]), []).append(j)
-    best, best_run = (len(new), len(old)), 0
-    for i in range(start, len(new) - RESYNC + 1):
-        for j in grams.get(tuple(new[i : i + RESYNC]), ()):
-            run = common_prefix_len(new[i:], old[j:])
-            if j + run == len(old):
-                return i, j
-            if run > best_run:
-                best, best_run = (i, j), run
-    return best
-
-
 def find_spans(
     explanations: Sequence[RequestExplanation],
     decode: Any,
@@ -126,7 +102,7 @@ def find_spans(
         if not e.is_break or e.reference_line is None:
             continue
         reference = by_line[e.reference_line]
-        end, ref_end = resync(e.token_ids, reference.token_ids, e.first_divergence)
+        end, ref_end = e.span_end, e.span_reference_end
         kind = e.hint.kind if e.hint is not None else "changed_text"
         key = (e.session_id, e.message_index, kind)
         dollars = (usd_lost or {}).get(e.line, {})
@@ -156,7 +132,7 @@ def find_spans(
             # tokens may be one digit of it
             text=e.hint.new
             if e.hint is not None and e.hint.new
-            else decode(e.token_ids[e.first_divergence : end]),
+            else e.span_text,
             fix=FIXES["value"] if kind in VALUE_KINDS else FIXES.get(kind, FIXES["changed_text"]),
             stable_end_token=max(e.first_divergence, stable),
             usd_lost=dict(dollars),

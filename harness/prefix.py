@@ -277,6 +277,13 @@ class PrefixCacheModel:
             parent.nexts.pop(node.block, None)
         self.evicted_blocks += 1
 
+    def sequence_length(self, index: int) -> int:
+        """The length of the ``index``-th recorded sequence, without building it."""
+        if not self.keep_sequences:
+            raise ValueError("this cache model keeps no sequences (keep_sequences=False)")
+        _, shared, tail = self._parts[index]
+        return shared + len(tail)
+
     def sequence(self, index: int) -> array[int]:
         """The ``index``-th recorded sequence (in the order recorded; -1 is the latest)."""
         if not self.keep_sequences:
@@ -383,11 +390,14 @@ def explain_divergence(
     cached: Sequence[int],
     decode: Callable[[Sequence[int]], str],
     context_tokens: int = 12,
+    index: int | None = None,
 ) -> Divergence:
     """Describe the first token where ``prompt`` differs from ``cached``, in whole characters:
     when that token holds only part of a character, ``token`` grows to the whole character (and
-    ``before`` ends where it starts)."""
-    index = common_prefix_len(prompt, cached)
+    ``before`` ends where it starts). ``index``: that token, when the caller knows it already
+    (``cached`` may then end there: what follows it is not needed)."""
+    if index is None:
+        index = common_prefix_len(prompt, cached)
     start, end = whole_characters(prompt, index, index + 1, decode, left=True, right=True)
     first, _ = whole_characters(prompt, max(0, start - context_tokens), start, decode, left=True, right=False)
     _, last = whole_characters(prompt, end, end + context_tokens, decode, left=False, right=True)

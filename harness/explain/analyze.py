@@ -31,6 +31,7 @@ from typing import Any
 
 from harness.explain.formats import ChatRequest, LoggedUsage
 from harness.explain.hints import Hint, explain_change
+from harness.explain.profile import DISABLED, Profile
 from harness.explain.reconcile import Reconciliation, reconcile
 from harness.explain.render import ChatRenderer, Rendered
 from harness.prefix import (
@@ -212,6 +213,8 @@ class LogExplainer:
         scope: str = SHARED,
         cache_tokens: int | None = None,
         session_window: float | None = DEFAULT_SESSION_WINDOW_S,
+        keep_tokens: bool = True,
+        profile: Profile = DISABLED,
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -222,6 +225,8 @@ class LogExplainer:
         self.other_scope = SESSION if scope == SHARED else SHARED
         self.capacity_blocks = None if cache_tokens is None else max(1, cache_tokens // block_size)
         self.session_window = session_window
+        self.keep_tokens = keep_tokens  # every explanation keeps its tokens (a replay sends them)
+        self.profile = profile
         # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
         self._caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
         self._sessions: dict[str | None, _Session] = {}  # every request of a session, whatever its salt
@@ -272,85 +277,98 @@ class LogExplainer:
 
     def explain(self, request: ChatRequest) -> RequestExplanation:
         """Predict and explain one request's cache hit, then remember it for the ones after."""
-        renderer, block_size, scope = self.renderer, self.block_size, self.scope
+        renderer, block_size, scope, stage = self.renderer, self.block_size, self.scope, self.profile.stage
         now, window = self._clock(request)
         self._requests += 1
         if window is not None and self._requests % 64 == 0:  # not every request: sessions are many
             self._close_idle(now, window)
-        rendered = renderer.render(request)
+        tokenizing = renderer.tokenize_seconds
+        with stage("render"):
+            rendered = renderer.render(request)
+        self.profile.move("render", "tokenize", renderer.tokenize_seconds - tokenizing)
         prompt = rendered.token_ids
 
-        keys = {
-            SHARED: (None, rendered.cache_salt),
-            SESSION: (request.session_id, rendered.cache_salt),
-        }
-        cache, other = (
-            self._caches[name].setdefault(keys[name], self._new_cache()) for name in (scope, self.other_scope)
-        )
-        session = self._sessions.get(request.session_id)
-        if session is None:
-            if request.session_id in self._closed:
-                self._closed.discard(request.session_id)
-                self.sessions_reopened += 1
-            session = self._sessions[request.session_id] = _Session(self._new_cache(keep_sequences=True))
-        session.last_seen = now
-        chain = BlockChain(prompt, block_size, previous=session.chain)
-
-        hit = cache.model.predict(chain)
-        cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None
-        own = session.cache.model.predict(chain)
-        ref = own.source if len(session.cache.owners) else None
-        reference = session.cache.model.sequence(ref) if ref is not None else None
-        index = own.common_prefix
-        status = _status(index, len(prompt), len(reference) if reference is not None else None)
-
-        lost = 0
-        if reference is not None:
-            kept = cached_tokens_for(len(prompt), len(reference), block_size)
-            lost = max(0, kept - hit.cached_tokens)
+        with stage("cache model"):
+            keys = {
+                SHARED: (None, rendered.cache_salt),
+                SESSION: (request.session_id, rendered.cache_salt),
+            }
+            cache, other = (
+                self._caches[name].setdefault(keys[name], self._new_cache())
+                for name in (scope, self.other_scope)
+            )
+            session = self._sessions.get(request.session_id)
+            if session is None:
+                if request.session_id in self._closed:
+                    self._closed.discard(request.session_id)
+                    self.sessions_reopened += 1
+                session = self._sessions[request.session_id] = _Session(self._new_cache(keep_sequences=True))
+            session.last_seen = now
+            chain = BlockChain(prompt, block_size, previous=session.chain)
+            hit = cache.model.predict(chain)
+            cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None
+            own = session.cache.model.predict(chain)
+            ref = own.source if len(session.cache.owners) else None
+            reference_len = session.cache.model.sequence_length(ref) if ref is not None else None
+            index = own.common_prefix
+            status = _status(index, len(prompt), reference_len)
+            lost = 0
+            if reference_len is not None:
+                kept = cached_tokens_for(len(prompt), reference_len, block_size)
+                lost = max(0, kept - hit.cached_tokens)
 
         message_index: int | None = None
         role: str | None = None
         divergence: Divergence | None = None
         hint: Hint | None = None
-        if reference is not None and index < len(prompt):
-            message_index = renderer.message_at(rendered, index)
-            role = (
-                GENERATION_PROMPT
-                if message_index is None
-                else str(rendered.conversation[message_index]["role"])
-            )
-            divergence = explain_divergence(prompt, reference, renderer.decode, self.context_tokens)
         span_end = span_reference_end = 0
         span_text = ""
-        if status == "break" and ref is not None and reference is not None:
-            conversation, tools = session.shapes[ref]
-            hint = explain_change(
-                list(conversation), rendered.conversation, tools, rendered.tools, message_index
-            )
-            span_end, span_reference_end = resync(prompt, reference, index)
-            span_text = renderer.decode(prompt[index:span_end])
+        if ref is not None and index < len(prompt):
+            with stage("messages"):
+                message_index = renderer.message_at(rendered, index)
+                role = (
+                    GENERATION_PROMPT
+                    if message_index is None
+                    else str(rendered.conversation[message_index]["role"])
+                )
+            with stage("hints and spans"):
+                # The reference's own tokens matter only where it has some past the divergence.
+                assert reference_len is not None
+                reference = session.cache.model.sequence(ref) if index < reference_len else array("i")
+                divergence = explain_divergence(
+                    prompt, reference, renderer.decode, self.context_tokens, index=index
+                )
+                if status == "break":
+                    conversation, tools = session.shapes[ref]
+                    hint = explain_change(
+                        list(conversation), rendered.conversation, tools, rendered.tools, message_index
+                    )
+                    span_end, span_reference_end = resync(prompt, reference, index)
+                    span_text = renderer.decode(prompt[index:span_end])
 
         reply: list[int] = []
         reply_source: str | None = None
-        if request.response is not None:
-            tokens = renderer.reply_tokens(request, rendered, request.response)
-            reply, reply_source = tokens.token_ids, tokens.source
+        with stage("messages"):
+            if request.response is not None:
+                tokens = renderer.reply_tokens(request, rendered, request.response)
+                reply, reply_source = tokens.token_ids, tokens.source
         usage = request.response.usage if request.response is not None else None
-        reconciliation = None
-        if usage is not None and usage.cached_tokens is not None:
-            reconciliation = reconcile(
-                usage,
-                prompt_tokens=len(prompt),
-                predicted=hit.cached_tokens,
-                common_prefix=hit.common_prefix,
-                block_size=block_size,
-                other_scope=(self.other_scope, other.model.predict(chain).cached_tokens),
-            )
-        for holder in (cache, other, session.cache):
-            holder.record(request.line, chain, reply)
-        session.shapes.append(session.shape(rendered))
-        session.chain = chain
+        with stage("cache model"):
+            reconciliation = None
+            if usage is not None and usage.cached_tokens is not None:
+                reconciliation = reconcile(
+                    usage,
+                    prompt_tokens=len(prompt),
+                    predicted=hit.cached_tokens,
+                    common_prefix=hit.common_prefix,
+                    block_size=block_size,
+                    other_scope=(self.other_scope, other.model.predict(chain).cached_tokens),
+                )
+            for holder in (cache, other, session.cache):
+                holder.record(request.line, chain, reply)
+            session.chain = chain
+        with stage("hints and spans"):
+            session.shapes.append(session.shape(rendered))
         return RequestExplanation(
             line=request.line,
             session_id=request.session_id,
@@ -366,7 +384,7 @@ class LogExplainer:
             hint=hint,
             cached_from_line=cached_from,
             cache_common_prefix=hit.common_prefix,
-            reference_tokens=len(reference) if reference is not None else 0,
+            reference_tokens=reference_len or 0,
             reply_tokens=max(0, len(reply) - 1),
             reply_tokens_source=reply_source,
             usage=usage,
@@ -375,8 +393,8 @@ class LogExplainer:
             span_end=span_end,
             span_reference_end=span_reference_end,
             span_text=span_text,
-            token_ids=array("q", prompt),
-            reply_ids=array("q", reply),
+            token_ids=array("q", prompt) if self.keep_tokens else (),
+            reply_ids=array("q", reply) if self.keep_tokens else (),
         )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,16 @@ class ChatRenderer:
         whole_tokenize = renderer._tokenize_prompt
         wants_offsets = renderer._wants_offsets
 
+        self.tokenize_seconds = 0.0  # time spent tokenizing (the explainer's --profile)
+
         async def tokenize(prompt: Any, params: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return pieces(prompt, params)
+            finally:
+                self.tokenize_seconds += time.perf_counter() - start
+
+        def pieces(prompt: Any, params: Any) -> Any:
             kwargs = params.get_encode_kwargs()
             if kwargs.get("add_special_tokens") or prompt.get("multi_modal_data"):
                 return whole_tokenize(prompt, params)

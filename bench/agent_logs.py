@@ -38,10 +38,11 @@ START = 1_795_000_000.0  # 2026-11-18, simulated
 TURN_SECONDS = 30.0
 WAVE_SECONDS = 90 * 60.0  # a wave of sessions lasts about an hour; the next starts after it
 FILES = ["money.py", "invoice.py", "ledger.py", "tax.py", "api.py", "models.py", "views.py", "jobs.py"]
-WORDS = (
-    "order total amount line price quantity invoice ledger account balance rate tax discount "
-    "customer currency rounding report batch retry queue cache timeout handler request response"
-).split()
+WORDS = [
+    *("order", "total", "amount", "line", "price", "quantity", "invoice", "ledger", "account"),
+    *("balance", "rate", "tax", "discount", "customer", "currency", "rounding", "report", "batch"),
+    *("retry", "queue", "cache", "timeout", "handler", "request", "response"),
+]
 
 
 def _code(rng: random.Random, lines: int) -> str:
@@ -49,7 +50,8 @@ def _code(rng: random.Random, lines: int) -> str:
     out = []
     for number in range(rng.randint(1, 400), 10_000):
         a, b, c = rng.sample(WORDS, 3)
-        out.append(f"{number:4d}     {a}_{b} = compute_{c}({a}, {rng.randint(0, 9999)}, '{b}-{rng.randint(0, 99)}')")
+        value, tag = rng.randint(0, 9999), rng.randint(0, 99)
+        out.append(f"{number:4d}     {a}_{b} = compute_{c}({a}, {value}, '{b}-{tag}')")
         if len(out) == lines:
             break
     return "\n".join(out)

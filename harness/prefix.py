@@ -260,13 +260,13 @@ class PrefixCacheModel:
             child.latest = seq
             parent_key, node = key, child
         node.nexts[chain.block(full)] = seq
-        self.peak_blocks = max(self.peak_blocks, self.blocks)
         if self.capacity_blocks is not None:
             for key in reversed(chain.keys):  # the chain's tail becomes the least recently used
                 self._lru[key] = None
                 self._lru.move_to_end(key)
             while self.blocks > self.capacity_blocks and self._lru:
                 self._evict(self._lru.popitem(last=False)[0])
+        self.peak_blocks = max(self.peak_blocks, self.blocks)
 
     def _evict(self, key: int) -> None:
         node = self._nodes.pop(key, None)

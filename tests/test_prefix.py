@@ -150,3 +150,28 @@ def test_resync_equals_its_definition_on_random_edits() -> None:
         new += [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]  # the next turn appended
         start = min(start, common_prefix_len(new, old))
         assert resync(new, old, start) == _resync_by_definition(new, old, start, RESYNC), (new, old, start)
+
+
+def test_a_bounded_cache_evicts_least_recently_used_tail_first() -> None:
+    m = PrefixCacheModel(block_size=2, capacity_blocks=2)
+    a = [1, 2, 3, 4, 5, 6, 7]  # three full blocks and a last token
+    m.record(a)
+    assert m.blocks == 2 and m.evicted_blocks == 1
+    assert m.predict(a).cached_tokens == 4  # the tail block went first: the first two remain
+    m.record([9, 9, 8, 8, 7])  # another prompt's two blocks push both of a's out
+    assert m.predict(a).cached_tokens == 0 and m.evicted_blocks == 3
+    assert m.predict([9, 9, 8, 8, 1]).cached_tokens == 4
+    m.record([9, 9, 1, 1, 0])  # reuses one block, adds one: the least recently used (8, 8) goes
+    assert m.predict([9, 9, 8, 8, 1]).cached_tokens == 2
+    assert m.peak_blocks == 2
+
+
+def test_sequences_are_kept_as_what_they_add() -> None:
+    m = PrefixCacheModel(block_size=4)
+    session = [list(range(10))]
+    for n in range(20):  # an agent session: each request extends the one before
+        session.append(session[-1] + [100 + n] * 7)
+        m.record(session[-1])
+    assert [list(m.sequence(i)) for i in range(len(m))] == session[1:]
+    assert sum(len(tail) for _, _, tail in m._parts) < 2 * len(session[-1])
+    assert m.sequence_length(5) == len(session[6])

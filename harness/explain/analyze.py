@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,7 +230,8 @@ class LogExplainer:
         self.profile = profile
         # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
         self._caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
-        self._sessions: dict[str | None, _Session] = {}  # every request of a session, whatever its salt
+        # every request of a session, whatever its salt; least recently used first
+        self._sessions: OrderedDict[str | None, _Session] = OrderedDict()
         self._closed: set[str | None] = set()
         self._requests = 0
         self._peak_blocks = 0
@@ -237,8 +239,8 @@ class LogExplainer:
         self.sessions_closed = 0
         self.sessions_reopened = 0
 
-    def _new_cache(self, keep_sequences: bool = False) -> _Cache:
-        return _Cache(PrefixCacheModel(self.block_size, self.capacity_blocks, keep_sequences))
+    def _new_cache(self) -> _Cache:
+        return _Cache(PrefixCacheModel(self.block_size, self.capacity_blocks, keep_sequences=False))
 
     def _clock(self, request: ChatRequest) -> tuple[float, float | None]:
         """(now, window) on the log's clock: its timestamps, else the request count."""
@@ -247,13 +249,19 @@ class LogExplainer:
         return float(self._requests), None if self.session_window is None else DEFAULT_SESSION_WINDOW_REQUESTS
 
     def _close_idle(self, now: float, window: float | None) -> None:
+        """Close the sessions idle longer than ``window``. ``_sessions`` is kept least recently
+        used first, so this looks at the few at its front, not at every open session."""
         if window is None:
             return
-        idle = [sid for sid, state in self._sessions.items() if now - state.last_seen > window]
-        for sid in idle:
+        while self._sessions:
+            sid, state = next(iter(self._sessions.items()))
+            if now - state.last_seen <= window:
+                return
             del self._sessions[sid]
             for key in [k for k in self._caches[SESSION] if k[0] == sid]:
-                self._count_cache(self._caches[SESSION].pop(key))
+                closed = self._caches[SESSION].pop(key)
+                if self.scope == SESSION:
+                    self._count_cache(closed)
             self._closed.add(sid)
             self.sessions_closed += 1
 
@@ -280,8 +288,7 @@ class LogExplainer:
         renderer, block_size, scope, stage = self.renderer, self.block_size, self.scope, self.profile.stage
         now, window = self._clock(request)
         self._requests += 1
-        if window is not None and self._requests % 64 == 0:  # not every request: sessions are many
-            self._close_idle(now, window)
+        self._close_idle(now, window)
         tokenizing = renderer.tokenize_seconds
         with stage("render"):
             rendered = renderer.render(request)
@@ -302,8 +309,11 @@ class LogExplainer:
                 if request.session_id in self._closed:
                     self._closed.discard(request.session_id)
                     self.sessions_reopened += 1
-                session = self._sessions[request.session_id] = _Session(self._new_cache(keep_sequences=True))
+                # A session's own history is not an engine's cache: never evicted, only closed.
+                history = _Cache(PrefixCacheModel(block_size, keep_sequences=True))
+                session = self._sessions[request.session_id] = _Session(history)
             session.last_seen = now
+            self._sessions.move_to_end(request.session_id)  # most recently used last
             chain = BlockChain(prompt, block_size, previous=session.chain)
             hit = cache.model.predict(chain)
             cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None

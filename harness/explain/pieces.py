@@ -106,10 +106,13 @@ def _unsplittable(tokenizer: Any) -> str | None:
 class PieceTokenizer:
     """``tokenize(text)``: the IDs and offsets of ``text``, tokenizing only pieces not seen lately."""
 
-    def __init__(self, tokenizer: Any, budget_tokens: int = DEFAULT_BUDGET_TOKENS) -> None:
+    def __init__(
+        self, tokenizer: Any, budget_tokens: int = DEFAULT_BUDGET_TOKENS, split: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.budget_tokens = budget_tokens
-        self.reason = _unsplittable(tokenizer)  # None: split at the added tokens
+        # None: split at the added tokens
+        self.reason = _unsplittable(tokenizer) if split else "asked to tokenize every prompt whole"
         added = sorted(
             {a.content for a in getattr(tokenizer, "added_tokens_decoder", {}).values() if a.content},
             key=len,

@@ -77,7 +77,9 @@ class ChatRenderer:
         chat_template: Path | None = None,
         trust_request_chat_template: bool = False,
         exclude_tools_when_tool_choice_none: bool = False,
+        pieces: bool = True,
     ) -> None:
+        """``pieces=False`` tokenizes every prompt whole, as the server does (``--tokenize whole``)."""
         import os
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -138,7 +140,7 @@ class ChatRenderer:
         renderer._apply_chat_template_async = recording
         # Tokenize only the pieces of the prompt not seen lately (harness.explain.pieces): the
         # same IDs and offsets as vLLM's own call, checked on a sample of prompts.
-        self.pieces = PieceTokenizer(self.tokenizer)
+        self.pieces = PieceTokenizer(self.tokenizer, split=pieces)
         self.notes: list[str] = []  # what the run should say once (e.g. splitting switched off)
         whole_tokenize = renderer._tokenize_prompt
         wants_offsets = renderer._wants_offsets

@@ -233,12 +233,13 @@ def _turn(blocks: int) -> ProviderRequest:
     return request(*segments)
 
 
-def test_anthropic_20_block_lookback(table: PriceTable) -> None:
+@pytest.mark.parametrize("key", ["anthropic:claude-sonnet-4-5", "bedrock:anthropic.claude-sonnet-5"])
+def test_anthropic_20_block_lookback(table: PriceTable, key: str) -> None:
     # Turn 1 writes at block 10 (1,100 tokens). Block 29 looks back over blocks 29..10: a hit.
-    hit = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(29)], table)[1]
+    hit = simulate(key, [_turn(10), _turn(29)], table)[1]
     assert (hit.cached_tokens, hit.cache_write_tokens) == (1100, 29 * 110 - 1100)
     # Block 30 looks back over 30..11: block 10 is the 21st position, outside the window.
-    miss = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(30)], table)[1]
+    miss = simulate(key, [_turn(10), _turn(30)], table)[1]
     assert (miss.cached_tokens, miss.cache_write_tokens) == (0, 3300)
 
 
@@ -624,14 +625,6 @@ def test_bedrock_checkpoint_minimum_per_model(table: PriceTable, key: str, minim
         same = request(system(words("a", size), cache="5m"), msg("user", words("q", 5)))
         first, second = simulate(key, [same, same], table)
         assert (first.cache_write_tokens, second.cached_tokens) == (cached, cached), (key, size)
-
-
-def test_bedrock_claude_looks_back_20_blocks(table: PriceTable) -> None:
-    # As on Anthropic's API: block 29 finds the write at block 10; block 30 does not.
-    hit = simulate("bedrock:anthropic.claude-sonnet-5", [_turn(10), _turn(29)], table)[1]
-    assert (hit.cached_tokens, hit.cache_write_tokens) == (1100, 29 * 110 - 1100)
-    miss = simulate("bedrock:anthropic.claude-sonnet-5", [_turn(10), _turn(30)], table)[1]
-    assert (miss.cached_tokens, miss.cache_write_tokens) == (0, 3300)
 
 
 def test_bedrock_nova_has_no_lookback_and_no_tool_checkpoints(table: PriceTable) -> None:

@@ -604,6 +604,12 @@ def test_deepseek_the_reply_resent_ends_an_output_unit(table: PriceTable, output
     assert u.cost_usd == pytest.approx((cached * p["cache_read"] + (1070 - cached) * p["input"]) / M)
 
 
+def test_deepseek_a_reply_first_or_an_empty_prompt(table: PriceTable) -> None:
+    opening = request(msg("assistant", words("a", 300)), msg("user", words("b", 10)), output=3)
+    u = simulate("deepseek:deepseek-flash", [opening, opening, request()], table)
+    assert [(x.prompt_tokens, x.cached_tokens) for x in u] == [(310, 0), (310, 310), (0, 0)]
+
+
 def test_deepseek_units_do_not_expire_in_the_simulation(table: PriceTable) -> None:
     same = (system(words("a", 300)),)
     ten_days = 10 * 24 * 3600

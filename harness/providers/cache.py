@@ -442,6 +442,8 @@ def prefix_units(
     free; reads are the model's cache-hit price.
     """
     rules = entry.rules
+    if not prompt.length:
+        return Outcome(0, {}, (), _nothing)
     answers = _answer_ends(prompt)
     positions = {n for n in store.lengths if n <= prompt.length} | set(answers) | {prompt.length}
     digests = prefix_digests(prompt.tokens, positions)
@@ -452,7 +454,8 @@ def prefix_units(
         if found is not None:
             units[length] = (digests[length], found)
     for start, end in answers.items():
-        answered = store.get(digests[start]) if digests[start] in store.answered else None
+        key = digests.get(start)  # a reply at the very start answers no input: no key, no unit
+        answered = store.get(key) if key is not None and key in store.answered else None
         if answered is not None and end not in units:
             # The reply re-sent unchanged ends the output unit persisted with the input it answered.
             units[end] = (output_keys[end], store.get(output_keys[end]) or answered)

@@ -156,7 +156,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (("--provider", "openai:gpt-nope"), "error: unknown provider/model 'openai:gpt-nope'"),
-        (("--provider", "nonsense"), "error: expected 'provider:model', got 'nonsense'"),
+        (("--provider", "nonsense"), "error: unknown provider 'nonsense'; providers: anthropic, azure, "),
         (("--prices", "/nonexistent/p.json"), "error: "),
     ],
 )

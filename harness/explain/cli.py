@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="also price the log under a provider's caching rules: vllm, sglang, openai:MODEL, "
-        "anthropic:MODEL, gemini:MODEL, or all (repeat or separate with commas; see docs/providers.md)",
+        help="also price the log under a provider's caching rules: a provider (openai, anthropic, deepseek, "
+        "...: its default model), provider:MODEL, vllm, sglang, or all (repeat or separate with commas; "
+        "providers, models and defaults: docs/providers.md)",
     )
     parser.add_argument(
         "--prices",

@@ -29,8 +29,8 @@ from harness.explain.formats import ANTHROPIC, ChatRequest
 from harness.providers import PriceTable, ProviderRequest, ProviderUsage, Segment, price, simulate
 
 ENGINES = ("vllm", "sglang")
-# One current model per hosted provider: what "--provider all" prices.
-DEFAULT_HOSTED = ("openai:gpt-6.2-sol", "anthropic:claude-sonnet-5-5", "gemini:gemini-3.8-flash")
+# What "--provider all" prices besides the engines: each provider's default model in the table.
+DEFAULT_HOSTED = ("openai", "anthropic", "gemini")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ Two kinds of state:
     implicit caching): a hit is the longest common prefix with any live one, rounded to the rule's
     step.
 
+``UnitStore``
+    Whole prefixes the provider persisted as units (DeepSeek's disk cache): a request is served
+    only the longest unit it matches in full, never a partial one.
+
 Lifetimes: an entry expires ``ttl`` seconds after it was last written or read (a hit refreshes
 it, as every provider here documents); without timestamps nothing expires.
 """
@@ -162,13 +166,33 @@ class SequenceStore:
         self._entries[tokens] = _Entry(ttl, now)
 
 
+class UnitStore(DigestStore):
+    """Persisted prefix units, the lengths they come in, and the prompts seen (for common prefixes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: set[int] = set()
+        self.answered: set[bytes] = set()  # prompt-end units the model answered: their output is a unit too
+        self.prompts = SequenceStore()
+
+    def persist(self, key: bytes, length: int, now: float | None, ttl: float | None) -> None:
+        self.write(key, now, ttl)
+        self.lengths.add(length)
+
+
 # --------------------------------------------------------------------------- Anthropic
 
 
 def anthropic(
     entry: ModelEntry, prompt: Prompt, top_level: str | None, store: DigestStore, now: float | None
 ) -> Outcome:
-    """Explicit ``cache_control`` breakpoints (and the automatic one), 20-block lookback, minimum, TTLs."""
+    """Explicit ``cache_control`` breakpoints (and the automatic one), 20-block lookback, minimum, TTLs.
+
+    The same rule serves the providers that copied it with their own numbers: Bedrock's
+    ``cachePoint`` (Claude: 20-block lookback; Nova: no lookback, no checkpoint on a tool, 5
+    minutes only) and Alibaba's explicit cache (5 minutes only; of more than 4 markers the last 4
+    count, where Anthropic refuses the request).
+    """
     rules = entry.rules
     blocks = prompt.blocks
     notes: list[str] = []
@@ -178,6 +202,9 @@ def anthropic(
             continue
         if block.empty:
             notes.append(f"block {index + 1} is empty: an empty text block cannot be cached")
+            continue
+        if block.kind == "tool" and not rules.tool_breakpoints:
+            notes.append(f"a breakpoint on tool definition {index + 1}: not accepted there, ignored")
             continue
         markers.append((index, block.cache_control))
     filled = [index for index, block in enumerate(blocks) if not block.empty]
@@ -198,12 +225,18 @@ def anthropic(
             )
         else:
             markers.append((last, top_level))
-    if len(markers) > rules.max_breakpoints:
+    if len(markers) > rules.max_breakpoints and rules.excess_breakpoints == "keep_last":
+        notes.append(f"{len(markers)} breakpoints: only the last {rules.max_breakpoints} take effect")
+        markers = markers[-rules.max_breakpoints :]
+    elif len(markers) > rules.max_breakpoints:
         notes.append(
             f"{len(markers)} breakpoints: the API refuses more than {rules.max_breakpoints} "
             f"(simulated with the first {rules.max_breakpoints})"
         )
         markers = markers[: rules.max_breakpoints]
+    if any(ttl not in rules.ttl_by_label for _, ttl in markers):
+        notes.append("a 1h breakpoint where only 5-minute caching is offered: written for 5 minutes")
+        markers = [(index, ttl if ttl in rules.ttl_by_label else "5m") for index, ttl in markers]
     ttls = [ttl for _, ttl in markers]
     if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
         notes.append("a 1h breakpoint after a 5m one: the API wants longer TTLs first")
@@ -343,28 +376,127 @@ def openai_breakpoints(
 
 
 def automatic_prefix(entry: ModelEntry, prompt: Prompt, store: SequenceStore, now: float | None) -> Outcome:
-    """OpenAI before GPT-5.6 and Gemini implicit caching: the longest common prefix, in steps, from a minimum.
+    """The automatic prefix families: the longest prefix shared with a live earlier prompt, from a minimum.
+
+    Rounded down to the rule's step (OpenAI before GPT-5.6: 128; Mistral: 64-token blocks), or to
+    the last whole message inside it (xAI: "messages at the beginning that match exactly"). Writes
+    are free, except where the provider bills them (Kimi: the uncached rest of a prompt from the
+    minimum on is written at ``write_ttl``).
     """
     rules = entry.rules
-    step, minimum = rules.interval, entry.min_tokens
+    minimum = entry.min_tokens
+    message_ends = [block.end for block in prompt.blocks if block.closes_message]
+
+    def usable(shared: int) -> int:
+        """Shared tokens the rule can serve: whole steps, whole messages, from the minimum."""
+        if rules.boundary == "message":
+            shared = max((end for end in message_ends if end <= shared), default=0)
+        shared = rules.interval * (shared // rules.interval)
+        return shared if shared >= minimum else 0
+
     live, _, dead, dead_entry = store.best(prompt.tokens, now)
-    cached = step * (live // step)
-    if cached < minimum:
-        cached = 0
+    cached = usable(live)
     notes: list[str] = []
     if prompt.length < minimum:
         notes.append(f"below the {minimum:,}-token minimum: nothing cached")
-    elif dead_entry is not None and step * (dead // step) > cached and step * (dead // step) >= minimum:
+    elif dead_entry is not None and usable(dead) > cached:
         last_used, ttl = dead_entry.last_used, dead_entry.ttl
         if now is not None and last_used is not None and ttl is not None:
             notes.append(_expired_note(now, last_used, ttl))
+    writes: dict[str, int] = {}
+    if rules.write_ttl is not None and prompt.length >= minimum and prompt.length > cached:
+        writes[rules.write_ttl] = prompt.length - cached
 
     def commit() -> None:
         # Reuse refreshes what was reused: this prompt starts with exactly that prefix and is stored
         # as used now, while the older prompt's unshared tail keeps its own age.
         store.add(prompt.tokens, now, rules.ttl_seconds)
 
-    return Outcome(cached, {}, tuple(notes), commit)
+    return Outcome(cached, writes, tuple(notes), commit)
+
+
+# --------------------------------------------------------------------------- DeepSeek units
+
+
+def _answer_ends(prompt: Prompt) -> dict[int, int]:
+    """Start of each assistant message -> its end: where a re-sent reply would end an output unit."""
+    ends: dict[int, int] = {}
+    start = 0
+    for index, block in enumerate(prompt.blocks):
+        if block.role == "assistant" and (index == 0 or prompt.blocks[index - 1].closes_message):
+            start = prompt.blocks[index - 1].end if index else 0
+        if block.role == "assistant" and block.closes_message:
+            ends[start] = block.end
+    return ends
+
+
+def prefix_units(
+    entry: ModelEntry, prompt: Prompt, output_tokens: int, store: UnitStore, now: float | None
+) -> Outcome:
+    """DeepSeek's disk cache: a request reads the longest persisted unit it matches in full.
+
+    Units are persisted at the end of each request's input and of its output (an earlier reply
+    re-sent as the assistant message right after that input, unchanged, ends there), at a prefix
+    two requests were seen to share (so the *third* request reads it), and every ``interval``
+    tokens of a long prompt when the rule set gives the interval (DeepSeek does not). Writes are
+    free; reads are the model's cache-hit price.
+    """
+    rules = entry.rules
+    if not prompt.length:
+        return Outcome(0, {}, (), _nothing)
+    answers = _answer_ends(prompt)
+    positions = {n for n in store.lengths if n <= prompt.length} | set(answers) | {prompt.length}
+    digests = prefix_digests(prompt.tokens, positions)
+    output_keys = prefix_digests(prompt.tokens, answers.values())
+    units: dict[int, tuple[bytes, _Entry]] = {}  # length -> (key, entry) of every unit this prompt matches
+    for length in store.lengths & digests.keys():
+        found = store.get(digests[length])
+        if found is not None:
+            units[length] = (digests[length], found)
+    for start, end in answers.items():
+        key = digests.get(start)  # a reply at the very start answers no input: no key, no unit
+        answered = store.get(key) if key is not None and key in store.answered else None
+        if answered is not None and end not in units:
+            # The reply re-sent unchanged ends the output unit persisted with the input it answered.
+            units[end] = (output_keys[end], store.get(output_keys[end]) or answered)
+    best, best_key, expired = 0, None, None
+    for length in sorted(units, reverse=True):
+        key, found = units[length]
+        if found.live(now):
+            best, best_key = length, key
+            break
+        expired = expired or found
+    if best < entry.min_tokens:
+        best, best_key = 0, None
+    notes: list[str] = []
+    if expired is not None and now is not None:
+        assert expired.last_used is not None and expired.ttl is not None
+        notes.append(_expired_note(now, expired.last_used, expired.ttl))
+    shared, _, _, _ = store.prompts.best(prompt.tokens, now)
+    if shared > best:
+        notes.append(
+            f"shares {shared:,} tokens with an earlier prompt, but no persisted unit ends there: "
+            "persisted now as a common prefix, so a later request can read it"
+        )
+    fixed = range(rules.interval, prompt.length + 1, rules.interval) if rules.interval else range(0)
+
+    def commit() -> None:
+        ttl = rules.ttl_seconds
+        if best_key is not None:
+            if store.get(best_key) is None:
+                store.persist(best_key, best, now, ttl)  # an output unit, now known by its own key
+            store.touch(best_key, now)
+        persisted = {prompt.length: digests[prompt.length]}
+        if shared > best:
+            persisted[shared] = prefix_digests(prompt.tokens, [shared])[shared]
+        persisted.update(prefix_digests(prompt.tokens, fixed))
+        for length, key in persisted.items():
+            store.persist(key, length, now, ttl)
+        if output_tokens > 0:
+            store.answered.add(digests[prompt.length])
+        store.prompts.add(prompt.tokens, now, ttl)
+
+    return Outcome(best, {}, tuple(notes), commit)
 
 
 def no_caching(entry: ModelEntry) -> Outcome:

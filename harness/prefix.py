@@ -101,7 +101,7 @@ class BlockChain:
         if previous is not None and previous.block_size == block_size and previous.keys:
             same = min(len(previous.keys), self.length // block_size)
             if not self.data.startswith(memoryview(previous.data)[: same * size]):
-                same = _shared_tokens(self.data, previous.data) // block_size
+                same = shared_tokens(self.data, previous.data) // block_size
             keys = previous.keys[:same]
         parent = keys[-1] if keys else ROOT
         for index in range(len(keys), self.length // block_size):
@@ -117,7 +117,7 @@ class BlockChain:
         return self.data[index * size : (index + 1) * size]
 
 
-def _shared_tokens(a: bytes, b: bytes, a_at: int = 0, b_at: int = 0) -> int:
+def shared_tokens(a: bytes, b: bytes, a_at: int = 0, b_at: int = 0) -> int:
     """Tokens ``a[a_at:]`` and ``b[b_at:]`` (byte offsets) share at their start: a binary search
     over C comparisons that copy nothing (``startswith`` of a memoryview)."""
     view = memoryview(b)
@@ -224,7 +224,7 @@ class PrefixCacheModel:
         chunk = chain.block(blocks)
         extra, source = 0, node.latest
         for continuation, seq in node.nexts.items():
-            n = _shared_tokens(chunk, continuation)
+            n = shared_tokens(chunk, continuation)
             if n > extra or (n == extra and n > 0 and seq > source):
                 extra, source = n, seq
         common = blocks * b + extra
@@ -336,7 +336,7 @@ def resync(new: Sequence[int], old: Sequence[int], start: int) -> tuple[int, int
                 continue
             j = at // TOKEN_BYTES
             if not (i > start and j > start and new[i - 1] == old[j - 1]):
-                run = _shared_tokens(new_bytes, old_bytes, i * TOKEN_BYTES, at)
+                run = shared_tokens(new_bytes, old_bytes, i * TOKEN_BYTES, at)
                 if j + run == len(old):
                     return i, j
                 if run > best_run:

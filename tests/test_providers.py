@@ -844,3 +844,46 @@ def test_zai_token_granular_without_a_minimum(table: PriceTable) -> None:
     assert u.cost_usd == pytest.approx((560 * p["cache_read"] + 40 * p["input"]) / M)
     tiny = request(msg("user", words("a", 5)))
     assert simulate("zai:glm-5", [tiny, tiny], table)[1].cached_tokens == 5
+
+
+def test_sequence_store_equals_its_definition_on_random_prompts() -> None:
+    """The chunk tree against the definition it replaced: the longest common prefix with any live
+    stored prompt, and the longest expired one beyond it (with when it was last used)."""
+    import random
+
+    from harness.providers.cache import SequenceStore, _Entry
+
+    rng = random.Random(3)
+    for chunk in (1, 3, 64, 8):
+        SequenceStore.CHUNK, original = chunk, SequenceStore.CHUNK
+        try:
+            store, seen = SequenceStore(), {}
+            for step in range(250):
+                now = float(step)
+                if seen and rng.random() < 0.7:
+                    base = list(rng.choice(list(seen)))
+                    cut = rng.randint(0, len(base))
+                    tokens = tuple(base[:cut] + [rng.randint(-3, 4) for _ in range(rng.randint(0, 9))])
+                else:
+                    tokens = tuple(rng.randint(-3, 4) for _ in range(rng.randint(0, 140)))
+                live = max(
+                    (common(tokens, t) for t, e in seen.items() if e.live(now)), default=0
+                )
+                dead = max((common(tokens, t) for t, e in seen.items() if not e.live(now)), default=0)
+                got_live, _, got_dead, entry = store.best(tokens, now)
+                assert got_live == live
+                assert got_dead == (dead if dead > live else 0)
+                if got_dead:
+                    assert entry is not None and not entry.live(now)
+                ttl = 20.0  # one rule set, one lifetime
+                store.add(tokens, now, ttl)
+                seen[tokens] = _Entry(ttl, now)
+        finally:
+            SequenceStore.CHUNK = original
+
+
+def common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -11,9 +11,9 @@ Two kinds of state:
     families (Anthropic, OpenAI GPT-5.6+): an entry exists only where a request wrote one, and a
     lookup only checks the boundaries the rules name.
 ``SequenceStore``
-    Whole prompts seen before. For the automatic prefix families (OpenAI before GPT-5.6, Gemini
-    implicit caching): a hit is the longest common prefix with any live one, rounded to the rule's
-    step.
+    The prompts seen before, as a tree of token chunks. For the automatic prefix families (OpenAI
+    before GPT-5.6, Gemini implicit caching): a hit is the longest common prefix with any live
+    one, rounded to the rule's step.
 
 ``UnitStore``
     Whole prefixes the provider persisted as units (DeepSeek's disk cache): a request is served
@@ -25,12 +25,12 @@ it, as every provider here documents); without timestamps nothing expires.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from harness.prefix import BlockChain, shared_tokens
 from harness.providers.table import ModelEntry
 from harness.providers.tokens import Prompt
 
@@ -114,56 +114,101 @@ def prefix_digests(tokens: Sequence[int], positions: Iterable[int]) -> dict[int,
     return digests
 
 
-def shared_prefix(a: Sequence[int], b: Sequence[int], chunk: int = 4096) -> int:
-    """Leading tokens ``a`` and ``b`` share: whole chunks compared at C speed, one chunk by hand."""
-    n = min(len(a), len(b))
-    start = 0
-    while start < n:
-        stop = min(n, start + chunk)
-        if a[start:stop] != b[start:stop]:
-            return next(i for i in range(start, stop) if a[i] != b[i])
-        start = stop
-    return n
+class _Chunk:
+    """One chunk of tokens every prompt through it shares, and when the last of them expires."""
+
+    __slots__ = ("block", "entry", "nexts")
+
+    def __init__(self, block: bytes, entry: _Entry) -> None:
+        self.block = block
+        self.entry = entry  # of the prompt through this chunk that stays live the longest
+        self.nexts: dict[bytes, _Entry] = {}  # what followed (a chunk, or a prompt's shorter end)
+
+
+def _expires(entry: _Entry) -> float:
+    if entry.ttl is None or entry.last_used is None:
+        return float("inf")
+    return entry.last_used + entry.ttl
+
+
+def _later(old: _Entry | None, new: _Entry) -> _Entry:
+    return new if old is None or _expires(new) >= _expires(old) else old
 
 
 class SequenceStore:
-    """Every prompt computed before, with when it was last used.
+    """Every prompt computed before, with when it was last used, as a tree of token chunks.
 
-    Kept in sorted order: the sequences sharing the longest prefix with a new prompt sit next to
-    where it would be inserted, and the shared length only shrinks walking away from that point,
-    so a lookup compares a handful of neighbours instead of every prompt of the log.
+    A prompt is cut into chunks of ``CHUNK`` tokens found by a hash chained over every chunk
+    before (``harness.prefix.BlockChain``, as vLLM finds its blocks); each chunk remembers the
+    entry that stays live the longest of the prompts through it, so the live prefix of a new
+    prompt ends where the walk meets the first expired chunk (a chunk's prompts include every
+    prompt through the chunks after it). The exact last tokens come from comparing what followed
+    the last chunk. Memory: one chunk per distinct run of tokens, however many prompts repeat it.
     """
 
+    CHUNK = 64
+
     def __init__(self) -> None:
-        self._sorted: list[tuple[int, ...]] = []
-        self._entries: dict[tuple[int, ...], _Entry] = {}
+        self._chunks: dict[int, _Chunk] = {}
+        self._root: dict[bytes, _Entry] = {}  # what the prompts started with (shorter than a chunk)
+
+    def _path(self, chain: BlockChain) -> list[_Chunk]:
+        path: list[_Chunk] = []
+        for index, key in enumerate(chain.keys):
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.block != chain.block(index):
+                break
+            path.append(chunk)
+        return path
+
+    @staticmethod
+    def _extra(
+        nexts: dict[bytes, _Entry], rest: bytes, now: float | None, live: bool
+    ) -> tuple[int, _Entry | None]:
+        best, found = 0, None
+        for continuation, entry in nexts.items():
+            if live and not entry.live(now):
+                continue
+            shared = shared_tokens(rest, continuation)
+            if shared > best:
+                best, found = shared, entry
+        return best, found
 
     def best(
-        self, tokens: tuple[int, ...], now: float | None
-    ) -> tuple[int, tuple[int, ...] | None, int, _Entry | None]:
-        """(longest live shared prefix, that sequence, longest expired one beyond it, its entry)."""
-        live, live_seq, dead, dead_entry = 0, None, 0, None
-        at = bisect.bisect_left(self._sorted, tokens)
-        for direction in (-1, 1):
-            index = at - 1 if direction < 0 else at
-            while 0 <= index < len(self._sorted):
-                seq = self._sorted[index]
-                shared = shared_prefix(tokens, seq)
-                if shared <= live:
-                    break  # farther sequences share no more than this one
-                entry = self._entries[seq]
-                if entry.live(now):
-                    live, live_seq = shared, seq
-                    break
-                if shared > dead:
-                    dead, dead_entry = shared, entry
-                index += direction
-        return live, live_seq, dead, dead_entry
+        self, tokens: Sequence[int], now: float | None
+    ) -> tuple[int, None, int, _Entry | None]:
+        """(longest live shared prefix, None, longest expired one beyond it, its entry)."""
+        chain = BlockChain(tokens, self.CHUNK)
+        path = self._path(chain)
+        alive = 0
+        while alive < len(path) and path[alive].entry.live(now):
+            alive += 1
+        nexts = path[alive - 1].nexts if alive else self._root
+        extra, _ = self._extra(nexts, chain.block(alive), now, live=True)
+        live = alive * self.CHUNK + extra
+        deepest = path[-1].nexts if path else self._root
+        extra, entry = self._extra(deepest, chain.block(len(path)), now, live=False)
+        dead = len(path) * self.CHUNK + extra
+        if extra == 0 and path:
+            entry = path[-1].entry
+        if dead <= live:
+            return live, None, 0, None
+        return live, None, dead, entry
 
-    def add(self, tokens: tuple[int, ...], now: float | None, ttl: float | None) -> None:
-        if tokens not in self._entries:
-            bisect.insort(self._sorted, tokens)
-        self._entries[tokens] = _Entry(ttl, now)
+    def add(self, tokens: Sequence[int], now: float | None, ttl: float | None) -> None:
+        chain = BlockChain(tokens, self.CHUNK)
+        entry = _Entry(ttl, now)
+        nexts = self._root
+        for index, key in enumerate(chain.keys):
+            block = chain.block(index)
+            nexts[block] = _later(nexts.get(block), entry)
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.block != block:
+                chunk = self._chunks[key] = _Chunk(block, entry)
+            chunk.entry = _later(chunk.entry, entry)
+            nexts = chunk.nexts
+        tail = chain.block(len(chain.keys))
+        nexts[tail] = _later(nexts.get(tail), entry)
 
 
 class UnitStore(DigestStore):

@@ -80,6 +80,7 @@ def simulate(
         outcome = _outcome(entry, prompt, request, store)
         cost = _cost(entry, prompt, outcome, request.output_tokens)
         cost_if_extended = cost
+        cached_if_extended = outcome.cached
         if request.reference is not None:
             if not 0 <= request.reference < index:
                 raise ValueError(f"request {index}: reference {request.reference} is not an earlier request")
@@ -90,6 +91,7 @@ def simulate(
                 alternative = _within_breakpoint_limit(entry, alternative)
                 counterfactual = _outcome(entry, alternative, request, store)
                 cost_if_extended = _cost(entry, alternative, counterfactual, request.output_tokens)
+                cached_if_extended = counterfactual.cached
         outcome.commit()
         usages.append(
             ProviderUsage(
@@ -102,6 +104,7 @@ def simulate(
                 cost_if_extended_usd=cost_if_extended,
                 approximate=not entry.exact_tokens,
                 notes=outcome.notes,
+                cached_if_extended_tokens=cached_if_extended,
             )
         )
     return usages

@@ -7,13 +7,10 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import validate
+from conftest import run_script, validate
 
 from harness.explain import ChatRequest, explain_requests, read_requests
 from harness.explain.costs import UNKNOWN, LogCost, Loss, price_log, usd_by_line
@@ -232,22 +229,16 @@ def test_a_loss_with_nothing_changed_is_named_the_providers_side(chat_renderer: 
 
 def test_cli_names_the_rendering_that_found_the_cause(tmp_path: Path) -> None:
     out = tmp_path / "e.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness.explain",
-            str(TOOLS_LOG),
-            "--provider",
-            "openai:gpt-4.1",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "-m",
+        "harness.explain",
+        str(TOOLS_LOG),
+        "--provider",
+        "openai:gpt-4.1",
+        "--json",
+        str(out),
         timeout=300,
-        env={**os.environ, "COLUMNS": "250"},
+        env={"COLUMNS": "250"},
     )
     assert result.returncode == 0, result.stderr
     text = result.stdout

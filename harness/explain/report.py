@@ -317,9 +317,8 @@ def print_report(
             console.print(Text(f"  hint   : {e.hint.describe()}", style="yellow"))
         priced = [(c, loss) for c in costs for loss in c.losses if loss.line == e.line and loss.same_as_local]
         if priced:
-            console.print(
-                Text(f"  priced : {_dollars(priced)} (the same change in each one's reading of the body)")
-            )
+            reading = "its reading" if len(priced) == 1 else "each one's reading"
+            console.print(Text(f"  priced : {_dollars(priced)} (the same change in {reading} of the body)"))
     print_provider_breaks(explanations, costs, model, console)
     print_origins(origins, console)
     for e in explanations:
@@ -496,21 +495,23 @@ def print_origins(origins: Sequence[Origin | None], console: Any) -> None:
     for (key, evidence), lines in answered.items():
         if key is None:
             text = (
-                f"answered by {evidence}: requests {_lines(lines)} are held to the local rendering, "
-                "which renders another model"
+                f"answered by {evidence}: {_lines(lines)} held to the local rendering, which renders "
+                "another model"
             )
         else:
             text = (
-                f"answered by {key} ({evidence}): the usage of requests {_lines(lines)} is held to "
+                f"answered by {key} ({evidence}): the usage of {_lines(lines)} is held to "
                 f"{key}'s own rules and token counts, not to this vLLM rendering"
             )
         console.print(Text(text, style="dim"))
 
 
-def _lines(indices: Sequence[int]) -> str:
-    return (
-        f"{indices[0]}-{indices[-1]}" if indices == list(range(indices[0], indices[-1] + 1)) else str(indices)
-    )
+def _lines(lines: Sequence[int]) -> str:
+    """ "request 6", "requests 1-5", "requests [1, 3]" """
+    if len(lines) == 1:
+        return f"request {lines[0]}"
+    run = list(lines) == list(range(lines[0], lines[-1] + 1))
+    return f"requests {lines[0]}-{lines[-1]}" if run else f"requests {list(lines)}"
 
 
 def print_diagnoses(diagnoses: Sequence[Diagnosis], console: Any) -> None:

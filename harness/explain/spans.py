@@ -21,6 +21,12 @@ running the analysis again on the fixed log:
 * a message inserted into the history: appended at the end instead; a message removed: kept;
 * another Unicode normalization: NFC everywhere.
 
+Under ``--provider``, a hosted provider reads the body in its own pieces (``provider_view``): a
+change the local chat template does not render (a rotated tool list, with a template that drops
+tools) is a span of that provider's reading (``provider_spans``): its tokens are the provider's,
+``provider`` and ``piece`` say whose and where, ``usd_lost`` what it cost each provider that reads
+it so. A change both renderings show is one span, the local one, carrying the providers' dollars.
+
 ``breakpoints`` places the cache boundary where the session's stable part ends: Anthropic
 ``cache_control`` positions (at most 4), this project's ``// __CACHE_END__`` marker, and the
 padding that puts the boundary on a vLLM block.

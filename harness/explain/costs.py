@@ -41,7 +41,7 @@ from typing import Any
 
 from harness.explain.analyze import RequestExplanation
 from harness.explain.formats import ChatRequest
-from harness.explain.provider_view import PieceChange, first_change, segments_of
+from harness.explain.provider_view import PieceChange, Reading, first_change, segments_of
 from harness.providers import PriceTable, ProviderRequest, ProviderUsage, price, simulate
 
 __all__ = ["ENGINES", "LogCost", "Loss", "expand", "price_log", "segments_of", "usd_by_line"]
@@ -262,10 +262,19 @@ def price_log(
                     "caching (a top-level cache_control) assumed for them"
                 )
             usages = simulate(entry.key, provider_requests(requests, explanations, auto), table)
-            changes = tuple(
-                first_change(reference, request, entry) if reference is not None else None
-                for request, reference in zip(requests, references, strict=True)
-            )
+            reading = Reading(entry)
+            found: list[PieceChange | None] = []
+            for request, reference, e in zip(requests, references, explanations, strict=True):
+                change = (
+                    first_change(reference, request, reading=reading, span=False)
+                    if reference is not None
+                    else None
+                )
+                if change is not None and change.cause != e.cause:
+                    # Only this provider's reading shows it: a volatile span of its own, with its extent.
+                    change = first_change(reference, request, reading=reading)
+                found.append(change)
+            changes = tuple(found)
         losses: list[Loss] = []
         priced = True
         for i, (request, e, u) in enumerate(zip(requests, explanations, usages, strict=True)):

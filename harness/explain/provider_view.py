@@ -264,31 +264,59 @@ def _block_at(prompt: Prompt, offset: int) -> int | None:
     return next((j for j, block in enumerate(prompt.blocks) if block.end > offset), None)
 
 
+class Reading:
+    """One provider's reading of a log: each request's pieces and, with a table entry, its tokens.
+
+    A request is read once as itself and is usually the next one's reference: the latest request
+    of each session is kept for that (not every request: a large log's tokens would not fit),
+    any other reference is read again.
+    """
+
+    def __init__(self, entry: ModelEntry | None = None) -> None:
+        self.entry = entry
+        self._latest: dict[str | None, tuple[int, list[tuple[Segment, Piece]], Prompt | None]] = {}
+
+    def read(self, request: ChatRequest) -> tuple[list[tuple[Segment, Piece]], Prompt | None]:
+        held = self._latest.get(request.session_id)
+        if held is not None and held[0] == request.line:
+            return held[1], held[2]
+        pieces = _read(request)
+        prompt = layout(self.entry, [segment for segment, _ in pieces]) if self.entry is not None else None
+        self._latest[request.session_id] = (request.line, pieces, prompt)
+        return pieces, prompt
+
+
 def first_change(
-    reference: ChatRequest, request: ChatRequest, entry: ModelEntry | None = None
+    reference: ChatRequest,
+    request: ChatRequest,
+    entry: ModelEntry | None = None,
+    reading: Reading | None = None,
+    span: bool = True,
 ) -> PieceChange | None:
     """Where ``request`` first stops extending ``reference`` as a provider reads them (None: it extends).
 
     With ``entry`` (a provider's row of the rules table) the verdict and the offsets are in that
-    provider's tokens, exactly as its simulation sees them; without it, piece by piece.
+    provider's tokens, exactly as its simulation sees them; without it, piece by piece. A caller
+    comparing a whole log passes one ``Reading`` of that entry, so each request is laid out once.
+    ``span=False`` skips where the prompts agree again (``end_token``, ``stable_end_token``: a
+    volatile span's extent, the costly part on long prompts).
     """
-    old, new = _read(reference), _read(request)
+    reading = reading if reading is not None else Reading(entry)
+    entry = reading.entry
+    (old, before_prompt), (new, after_prompt) = reading.read(reference), reading.read(request)
     old_segments = [segment for segment, _ in old]
     new_segments = [segment for segment, _ in new]
     first = end = stable = length = None
-    if entry is not None:
-        before_prompt, after_prompt = layout(entry, old_segments), layout(entry, new_segments)
+    if entry is not None and before_prompt is not None and after_prompt is not None:
         if is_append_only(before_prompt, after_prompt):
             return None
         offset = shared_prefix(before_prompt.tokens[: before_prompt.content_length], after_prompt.tokens)
         at, was = _block_at(after_prompt, offset), _block_at(before_prompt, offset)
-        end, ref_end = resync(after_prompt.tokens, before_prompt.tokens, offset)
-        # With the change moved out, the reference's tokens but the changed ones would be stable.
-        first, stable, length = (
-            offset,
-            max(offset, before_prompt.length - (ref_end - offset)),
-            after_prompt.length,
-        )
+        first, length = offset, after_prompt.length
+        if span:
+            end, ref_end = resync(after_prompt.tokens, before_prompt.tokens, offset)
+            # With the change moved out, the reference's tokens but the changed ones would be stable.
+            stable = max(offset, before_prompt.length - (ref_end - offset))
     else:
         shared = min(len(old), len(new))
         at = next((i for i in range(shared) if not _same(old_segments[i], new_segments[i])), None)

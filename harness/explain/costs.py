@@ -41,7 +41,7 @@ from typing import Any
 
 from harness.explain.analyze import RequestExplanation
 from harness.explain.formats import ChatRequest
-from harness.explain.provider_view import PieceChange, Reading, first_change, segments_of
+from harness.explain.provider_view import PieceChange, Reading, first_change, segments_of, ttl_of
 from harness.providers import PriceTable, ProviderRequest, ProviderUsage, price, simulate
 
 __all__ = ["ENGINES", "LogCost", "Loss", "expand", "price_log", "segments_of", "usd_by_line"]
@@ -127,13 +127,6 @@ def expand(names: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- the log as pieces
 
 
-def _ttl(block: Any) -> str | None:
-    control = block.get("cache_control") if isinstance(block, dict) else None
-    if not isinstance(control, dict):
-        return None
-    return "1h" if control.get("ttl") == "1h" else "5m"
-
-
 def _has_breakpoints(request: ChatRequest) -> bool:
     return "cache_control" in json.dumps(request.body)
 
@@ -151,7 +144,7 @@ def provider_requests(
         body = request.body
         control = body.get("cache_control")
         automatic = auto_cache and not _has_breakpoints(request)
-        top = _ttl({"cache_control": control}) if control is not None else ("5m" if automatic else None)
+        top = ttl_of({"cache_control": control}) if control is not None else ("5m" if automatic else None)
         usage = request.response.usage if request.response is not None else None
         options = body.get("prompt_cache_options")
         out.append(

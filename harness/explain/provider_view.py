@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.explain.formats import ANTHROPIC, ChatRequest
-from harness.explain.hints import ADVICE, Hint, explain_change, tools_hint
+from harness.explain.hints import ADVICE, Hint, _tool_name, explain_change, tools_hint
 from harness.explain.spans import resync
 from harness.prefix import common_prefix_len
 from harness.providers import ModelEntry, Segment
@@ -132,7 +132,8 @@ class PieceChange:
 # --------------------------------------------------------------------------- the body as pieces
 
 
-def _ttl(block: Any) -> str | None:
+def ttl_of(block: Any) -> str | None:
+    """A block's ``cache_control`` as a breakpoint lifetime: "5m", "1h", or None."""
     control = block.get("cache_control") if isinstance(block, dict) else None
     if not isinstance(control, dict):
         return None
@@ -145,11 +146,6 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return "\n".join(_text(v.get("text", v) if isinstance(v, dict) else v) for v in value)
     return json.dumps(value, ensure_ascii=False)
-
-
-def _tool_name(tool: dict[str, Any]) -> str:
-    function = tool.get("function")
-    return str((function if isinstance(function, dict) else tool).get("name", ""))
 
 
 def _block_text(block: dict[str, Any]) -> str:
@@ -169,7 +165,7 @@ def _message_pieces(
     blocks = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
     for block in blocks:
         block = block if isinstance(block, dict) else {"type": "text", "text": str(block)}
-        segment = Segment(kind, _block_text(block), role, _ttl(block), number)
+        segment = Segment(kind, _block_text(block), role, ttl_of(block), number)
         out.append((segment, Piece(kind, label, index, role)))
 
 
@@ -178,7 +174,7 @@ def _read(request: ChatRequest) -> list[tuple[Segment, Piece]]:
     body = request.body
     out: list[tuple[Segment, Piece]] = [
         (
-            Segment("tool", json.dumps(tool, ensure_ascii=False), None, _ttl(tool)),
+            Segment("tool", json.dumps(tool, ensure_ascii=False), None, ttl_of(tool)),
             Piece("tool", f"tool {k} {_tool_name(tool)!r}", None, None, _tool_name(tool)),
         )
         for k, tool in enumerate(body.get("tools") or [])
@@ -190,7 +186,7 @@ def _read(request: ChatRequest) -> list[tuple[Segment, Piece]]:
         for k, block in enumerate(blocks):
             out.append(
                 (
-                    Segment("system", _text(block.get("text", "")), "system", _ttl(block)),
+                    Segment("system", _text(block.get("text", "")), "system", ttl_of(block)),
                     Piece("system", f"system block {k}", 0, "system"),
                 )
             )

@@ -87,6 +87,14 @@ class RequestExplanation:
     def is_break(self) -> bool:
         return self.status == "break"
 
+    @property
+    def cause(self) -> str | None:
+        """What broke the prefix, as the costs and spans count it: the hint's kind, ``changed_text``
+        for a change no heuristic names; None when it did not break."""
+        if not self.is_break:
+            return None
+        return self.hint.kind if self.hint is not None else "changed_text"
+
     def to_json(self) -> dict[str, Any]:
         d = self.divergence
         previous = d.previous_token if d is not None and self.is_break else None

@@ -23,6 +23,7 @@ from harness.explain.analyze import (
     explain_requests,
 )
 from harness.explain.costs import ENGINES, expand, price_log, usd_by_line
+from harness.explain.diagnostics import compare_diagnostics
 from harness.explain.formats import ChatRequest, read_requests
 from harness.explain.report import (
     check_json_target,
@@ -32,7 +33,7 @@ from harness.explain.report import (
     report_json,
     write_json,
 )
-from harness.explain.spans import find_spans, suggest
+from harness.explain.spans import find_spans, provider_spans, suggest
 from harness.providers import load_table
 
 DEFAULT_BLOCK_SIZE = 32  # the CPU engine's block size in this project (harness.engine)
@@ -177,12 +178,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_json_target(args.json)  # fail before the work, not after it
     providers = expand(args.provider)
-    table = None
-    if providers or args.prices is not None:
-        table = load_table(args.prices)
-        for name in providers:
-            if name not in ENGINES:
-                table.entry(name)  # an unknown provider or model fails here, before anything slow
+    # Always loaded (a small JSON file): a log recorded from a hosted API is held to its rules.
+    table = load_table(args.prices)
+    for name in providers:
+        if name not in ENGINES:
+            table.entry(name)  # an unknown provider or model fails here, before anything slow
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -224,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
         explanations = explain_requests(
             requests, renderer, block_size, args.context, scope=args.scope, on_request=advance
         )
+    from harness.explain.origin import reconcile_answered
+
+    explanations, origins = reconcile_answered(requests, explanations, table)
+    answered = {r.line: o.provider_model for r, o in zip(requests, origins, strict=True) if o is not None}
+    diagnoses = compare_diagnostics(requests, explanations, table, lambda r: answered.get(r.line))
 
     verified = None
     if args.verify or server is not None:
@@ -257,22 +262,38 @@ def run(args: argparse.Namespace) -> int:
             if backend is not None:
                 backend.close()
 
-    costs = (
-        price_log(providers, requests, explanations, table, spec.display_name) if table and providers else []
-    )
-    spans = find_spans(explanations, renderer.decode, usd_by_line(costs, explanations))
+    costs = price_log(providers, requests, explanations, table, spec.display_name) if providers else []
+    local_spans = find_spans(explanations, renderer.decode, usd_by_line(costs))
+    spans = sorted([*local_spans, *provider_spans(costs)], key=lambda s: (-s.tokens_lost, s.line))
     suggestion = None
-    if args.suggest and spans:
+    if args.suggest and local_spans:
 
         def reanalyze(fixed: list[ChatRequest]) -> list[RequestExplanation]:
             return explain_requests(fixed, renderer, block_size, args.context, scope=args.scope)
 
-        suggestion = suggest(requests, explanations, spans[0], reanalyze, block_size)
+        # The fix is checked by analysing again on the local rendering: a span it shows.
+        suggestion = suggest(requests, explanations, local_spans[0], reanalyze, block_size)
     template = str(args.chat_template) if args.chat_template is not None else None
     model_name = spec.display_name + (f" + {args.chat_template.name}" if args.chat_template else "")
-    print_report(explanations, model_name, block_size, verified, scope=args.scope, costs=costs, spans=spans)
+    print_report(
+        explanations,
+        model_name,
+        block_size,
+        verified,
+        scope=args.scope,
+        costs=costs,
+        spans=spans,
+        diagnoses=diagnoses,
+        origins=origins,
+    )
     if suggestion is not None:
         print_suggestion(suggestion)
+    elif args.suggest and spans:
+        top = spans[0]  # found only on a provider's reading: the local analysis cannot check its fix
+        print(
+            f"no volatile span in the local rendering to fix and check again; the top one is {top.kind} in "
+            f"{top.piece}, as {top.provider} reads the body: {top.fix}"
+        )
     elif args.suggest:
         print("no volatile span: every request extends (or repeats) its session's previous one")
     if args.json is not None:
@@ -289,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             costs=costs,
             spans=spans,
             suggestion=suggestion,
+            diagnoses=diagnoses,
+            origins=origins,
         )
         write_json(args.json, document)
     if verified is not None:

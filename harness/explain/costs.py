@@ -14,7 +14,22 @@ Self-hosted engines have no list price: give one with ``--prices FILE`` (a ``vll
 ``sglang:*`` entry) to see dollars; without it their tokens are shown and their cost is ``null``.
 
 For each request the cost had it extended its reference append-only is priced too; the
-difference on a break is what that break cost, summed per cause (the break's hint).
+difference is what its break cost (``Loss``), and every such dollar has a cause, found on the
+rendering that provider reads:
+
+* a hosted provider (``provider_view``): the first piece of the body, in that provider's order
+  and tokens, where the request stops extending its reference (a tool, the system prompt, a
+  message), named by the same heuristics as the local analysis. The local chat template may not
+  render that piece at all (many drop the tool list); the provider does, so its loss is its
+  cause. With the simulation's own verdict (``is_append_only``) a loss always has a change;
+* ``vllm`` and ``sglang``: the local analysis (their rendering *is* the local one), or the
+  request's ``cache_salt`` when it differs from its reference's (vLLM keeps salted requests apart);
+* ``unknown`` only when nothing in the two bodies differs: then the loss is the provider's side
+  (an eviction, the TTL, routing to another machine), never a change the agent made.
+
+So ``lost_to_breaks_usd`` is the sum over requests of ``cost_usd - cost_if_extended_usd`` (where
+positive: a break that happened to match another request's cache costs nothing) and equals the
+sum of ``lost_by_cause_usd``.
 """
 
 from __future__ import annotations
@@ -25,12 +40,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.explain.analyze import RequestExplanation
-from harness.explain.formats import ANTHROPIC, ChatRequest
-from harness.providers import PriceTable, ProviderRequest, ProviderUsage, Segment, price, simulate
+from harness.explain.formats import ChatRequest
+from harness.explain.provider_view import PieceChange, Reading, first_change, segments_of, ttl_of
+from harness.providers import PriceTable, ProviderRequest, ProviderUsage, price, simulate
+
+__all__ = ["ENGINES", "LogCost", "Loss", "expand", "price_log", "segments_of", "usd_by_line"]
 
 ENGINES = ("vllm", "sglang")
 # What "--provider all" prices besides the engines: each provider's default model in the table.
 DEFAULT_HOSTED = ("openai", "anthropic", "gemini")
+
+
+UNKNOWN = "unknown"  # a loss with nothing changed in the bodies: the provider's side
+LOCAL = "local"  # a cause found on the local rendering (the chat template of --model)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What one request's break cost under one provider, and what caused it."""
+
+    line: int
+    usd: float  # cost_usd - cost_if_extended_usd (> 0)
+    tokens: int  # cached tokens it would have read had it extended its reference
+    cause: str  # the hint's kind, "changed_text", "cache_salt", or UNKNOWN
+    found_by: str  # LOCAL, or the provider:model whose reading of the body holds the change
+    same_as_local: bool  # the local analysis breaks at this line for the same cause
+    change: PieceChange | None = None  # the provider's finding (None: local or unknown)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "line": self.line,
+            "usd": round(self.usd, 6),
+            "tokens": self.tokens,
+            "cause": self.cause,
+            "found_by": self.found_by,
+            "same_as_local": self.same_as_local,
+        }
 
 
 @dataclass(frozen=True)
@@ -44,6 +89,10 @@ class LogCost:
     lost_by_cause: dict[str, float] = field(default_factory=dict)
     approximate: bool = False
     assumption: str | None = None  # e.g. automatic caching assumed for a log without cache_control
+    losses: tuple[Loss, ...] = ()
+    # Per request (hosted providers): where it first stops extending its reference in this
+    # provider's reading, None when it extends it (or has no reference); empty for the engines.
+    changes: tuple[PieceChange | None, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +104,7 @@ class LogCost:
             "prompt_tokens": sum(u.prompt_tokens for u in self.usages),
             "approximate": self.approximate,
             "assumption": self.assumption,
+            "losses": [loss.to_json() for loss in self.losses],
         }
 
 
@@ -77,54 +127,6 @@ def expand(names: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- the log as pieces
 
 
-def _ttl(block: Any) -> str | None:
-    control = block.get("cache_control") if isinstance(block, dict) else None
-    if not isinstance(control, dict):
-        return None
-    return "1h" if control.get("ttl") == "1h" else "5m"
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(_text(v.get("text", v) if isinstance(v, dict) else v) for v in value)
-    return json.dumps(value, ensure_ascii=False)
-
-
-def segments_of(request: ChatRequest) -> tuple[Segment, ...]:
-    """The prompt as a hosted provider reads it: tools, system, then messages, block by block."""
-    body = request.body
-    pieces: list[Segment] = [
-        Segment("tool", json.dumps(tool, ensure_ascii=False), None, _ttl(tool))
-        for tool in body.get("tools") or []
-    ]
-    if request.format == ANTHROPIC:
-        system = body.get("system")
-        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system or [])
-        pieces += [Segment("system", _text(b.get("text", "")), "system", _ttl(b)) for b in blocks]
-    for number, message in enumerate(body["messages"]):
-        role = str(message.get("role"))
-        kind = "system" if role in ("system", "developer") else "message"
-        content = message.get("content")
-        blocks = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
-        for block in blocks:
-            if block.get("type") == "text":
-                text = str(block.get("text", ""))
-            elif block.get("type") == "tool_result":
-                text = _text(block.get("content", ""))
-            else:  # tool_use, images and the like: their JSON stands for their tokens
-                text = json.dumps(
-                    {k: v for k, v in block.items() if k != "cache_control"}, ensure_ascii=False
-                )
-            pieces.append(Segment(kind, text, role, _ttl(block), number))
-        if message.get("tool_calls"):
-            pieces.append(
-                Segment(kind, json.dumps(message["tool_calls"], ensure_ascii=False), role, None, number)
-            )
-    return tuple(pieces)
-
-
 def _has_breakpoints(request: ChatRequest) -> bool:
     return "cache_control" in json.dumps(request.body)
 
@@ -142,7 +144,7 @@ def provider_requests(
         body = request.body
         control = body.get("cache_control")
         automatic = auto_cache and not _has_breakpoints(request)
-        top = _ttl({"cache_control": control}) if control is not None else ("5m" if automatic else None)
+        top = ttl_of({"cache_control": control}) if control is not None else ("5m" if automatic else None)
         usage = request.response.usage if request.response is not None else None
         options = body.get("prompt_cache_options")
         out.append(
@@ -187,7 +189,16 @@ def _engine_usages(
         )
         usages.append(
             ProviderUsage(
-                f"{engine}:{model}", e.prompt_tokens, cached, 0, out_tokens, cost, if_extended, False, ()
+                f"{engine}:{model}",
+                e.prompt_tokens,
+                cached,
+                0,
+                out_tokens,
+                cost,
+                if_extended,
+                False,
+                (),
+                kept,
             )
         )
     return usages
@@ -200,6 +211,15 @@ def _sum(values: Sequence[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(sum(v for v in values if v is not None))
 
 
+def _engine_cause(request: ChatRequest, e: RequestExplanation, reference: ChatRequest | None) -> str:
+    """Why an engine (vLLM, SGLang: the local rendering) lost what it lost at this request."""
+    if e.cause is not None:
+        return e.cause
+    if reference is not None and request.body.get("cache_salt") != reference.body.get("cache_salt"):
+        return "cache_salt"
+    return UNKNOWN
+
+
 def price_log(
     names: Sequence[str],
     requests: Sequence[ChatRequest],
@@ -207,63 +227,90 @@ def price_log(
     table: PriceTable,
     model: str,
 ) -> list[LogCost]:
-    """Every ``names`` provider's usage and cost for the log (see the module docstring)."""
+    """Every ``names`` provider's usage and cost for the log, each lost dollar with its cause
+    (see the module docstring)."""
     output = [
         int(r.response.usage.output_tokens or 0)
         if r.response is not None and r.response.usage is not None
         else 0
         for r in requests
     ]
+    by_line = {r.line: r for r in requests}
+    references = [
+        by_line.get(e.reference_line) if e.reference_line is not None else None for e in explanations
+    ]
     without = sum(not _has_breakpoints(r) for r in requests)
     costs: list[LogCost] = []
     for name in names:
         assumption = None
+        changes: tuple[PieceChange | None, ...] = ()
         if name in ENGINES:
             usages = _engine_usages(name, model, explanations, table, output)
-            key = name
         else:
-            key = table.entry(name).key
-            auto = key.startswith("anthropic:") and without > 0
+            entry = table.entry(name)
+            auto = entry.key.startswith("anthropic:") and without > 0
             if auto:
                 assumption = (
                     f"{without} of {len(requests)} requests have no cache_control: Anthropic's automatic "
                     "caching (a top-level cache_control) assumed for them"
                 )
-            usages = simulate(key, provider_requests(requests, explanations, auto), table)
-        spent = _sum([u.cost_usd for u in usages])
-        lost_by: dict[str, float] = {}
-        lost: float | None = 0.0
-        for e, u in zip(explanations, usages, strict=True):
+            usages = simulate(entry.key, provider_requests(requests, explanations, auto), table)
+            reading = Reading(entry)
+            found: list[PieceChange | None] = []
+            for request, reference, e in zip(requests, references, explanations, strict=True):
+                change = (
+                    first_change(reference, request, reading=reading, span=False)
+                    if reference is not None
+                    else None
+                )
+                if change is not None and change.cause != e.cause:
+                    # Only this provider's reading shows it: a volatile span of its own, with its extent.
+                    change = first_change(reference, request, reading=reading)
+                found.append(change)
+            changes = tuple(found)
+        losses: list[Loss] = []
+        priced = True
+        for i, (request, e, u) in enumerate(zip(requests, explanations, usages, strict=True)):
             if u.cost_usd is None or u.cost_if_extended_usd is None:
-                lost = None
+                priced = False
                 continue
             extra = u.cost_usd - u.cost_if_extended_usd
-            if e.is_break and extra > 0:
-                cause = e.hint.kind if e.hint is not None else "unexplained"
-                lost_by[cause] = lost_by.get(cause, 0.0) + extra
-                if lost is not None:
-                    lost += extra
+            if extra <= 0:
+                continue
+            tokens = max(0, (u.cached_if_extended_tokens or u.cached_tokens) - u.cached_tokens)
+            if changes:
+                change = changes[i]
+                cause = change.cause if change is not None else UNKNOWN
+                found_by = u.provider_model if change is not None else UNKNOWN
+                losses.append(Loss(e.line, extra, tokens, cause, found_by, cause == e.cause, change))
+            else:
+                cause = _engine_cause(request, e, references[i])
+                losses.append(Loss(e.line, extra, tokens, cause, LOCAL, cause == e.cause))
+        lost_by: dict[str, float] = {}
+        for loss in losses:
+            lost_by[loss.cause] = lost_by.get(loss.cause, 0.0) + loss.usd
         costs.append(
             LogCost(
-                usages[0].provider_model if usages else key,
+                usages[0].provider_model if usages else name,
                 usages,
-                spent,
-                lost,
+                _sum([u.cost_usd for u in usages]),
+                sum(loss.usd for loss in losses) if priced else None,
                 lost_by,
                 any(u.approximate for u in usages),
                 assumption,
+                tuple(losses),
+                changes,
             )
         )
     return costs
 
 
-def usd_by_line(
-    costs: Sequence[LogCost], explanations: Sequence[RequestExplanation]
-) -> dict[int, dict[str, float]]:
-    """Per break line, per provider: the dollars the break cost (spent minus append-only)."""
+def usd_by_line(costs: Sequence[LogCost]) -> dict[int, dict[str, float]]:
+    """Per line, per provider: the dollars of the breaks the local analysis names the same way
+    (its volatile spans carry them); the others are the provider spans' (``spans.provider_spans``)."""
     out: dict[int, dict[str, float]] = {}
     for c in costs:
-        for e, u in zip(explanations, c.usages, strict=True):
-            if e.is_break and u.cost_usd is not None and u.cost_if_extended_usd is not None:
-                out.setdefault(e.line, {})[c.provider_model] = max(0.0, u.cost_usd - u.cost_if_extended_usd)
+        for loss in c.losses:
+            if loss.same_as_local:
+                out.setdefault(loss.line, {})[c.provider_model] = loss.usd
     return out

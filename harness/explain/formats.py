@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from typing import Any
 import orjson
 
 from harness.errors import UserError
+from harness.explain.diagnostics import ProviderDiagnostics, read_diagnostics
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -92,6 +93,9 @@ class LoggedResponse:
     finish_reason: str | None  # "stop", "length", "tool_calls"; Anthropic stop_reason mapped
     token_ids: list[int] | None  # the generated token IDs, when the server returned them
     usage: LoggedUsage | None
+    # Its id, model and URL, and the provider's own cache-miss diagnosis when it has one
+    # (harness/explain/diagnostics.py): filled by parse_record from the raw response, any format.
+    diagnostics: ProviderDiagnostics | None = None
 
 
 @dataclass(frozen=True)
@@ -354,13 +358,16 @@ def parse_record(text: str | bytes, line: int, session_field: str = "session_id"
     check_body(body, fmt, line)
     if isinstance(record.get("error"), dict) and record.get("response") is None:
         response = None
+    parsed = parse_response(response, fmt)
+    if parsed is not None:
+        parsed = replace(parsed, diagnostics=read_diagnostics(response, url))
     return ChatRequest(
         line,
         body,
         fmt,
         _session(record, body, session_field, line),
         _timestamp(record),
-        parse_response(response, fmt),
+        parsed,
     )
 
 

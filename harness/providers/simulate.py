@@ -97,6 +97,7 @@ def simulate(
         outcome = _outcome(serving, prompt, request, store)
         cost = _cost(serving, prompt, outcome, request.output_tokens)
         cost_if_extended = cost
+        cached_if_extended = outcome.cached
         if request.reference is not None:
             if not 0 <= request.reference < index:
                 raise ValueError(f"request {index}: reference {request.reference} is not an earlier request")
@@ -107,6 +108,7 @@ def simulate(
                 alternative = _within_breakpoint_limit(serving, alternative)
                 counterfactual = _outcome(serving, alternative, request, store)
                 cost_if_extended = _cost(serving, alternative, counterfactual, request.output_tokens)
+                cached_if_extended = counterfactual.cached
         outcome.commit()
         usages.append(
             ProviderUsage(
@@ -119,6 +121,7 @@ def simulate(
                 cost_if_extended_usd=cost_if_extended,
                 approximate=not entry.exact_tokens,
                 notes=outcome.notes,
+                cached_if_extended_tokens=cached_if_extended,
             )
         )
     return usages

@@ -18,7 +18,7 @@ from harness.explain.provider_view import first_change, segments_of
 from harness.explain.render import ChatRenderer
 from harness.explain.report import cost_table, print_provider_breaks
 from harness.explain.spans import find_spans, provider_spans
-from harness.providers import ProviderUsage, load_table
+from harness.providers import load_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_LOG = ROOT / "examples" / "agent_tools_log.jsonl"  # recorded; its agent rotates its tools at line 4
@@ -95,7 +95,7 @@ def test_every_lost_dollar_has_a_cause_when_the_local_template_hides_it(chat_ren
         c.provider_model: next(x.usd for x in c.losses if x.line == 4) for c in costs
     }
     assert spans[0].tokens_lost == next(x.tokens for x in gpt41.losses if x.line == 4) > 0
-    local = find_spans(explained, chat_renderer.decode, usd_by_line(costs))
+    local = find_spans(explained, usd_by_line(costs))
     assert [(s.kind, s.line, s.provider) for s in local] == [("timestamp", 9, None)]
     assert set(local[0].usd_lost) == set(HOSTED)
 
@@ -106,7 +106,7 @@ def test_a_template_that_renders_the_tools_finds_the_same_cause_itself(tools_ren
     costs = price_log(HOSTED, requests, explained, load_table(), "m")
     assert all(loss.same_as_local for cost in costs for loss in cost.losses)
     assert provider_spans(costs) == []
-    spans = find_spans(explained, tools_renderer.decode, usd_by_line(costs))
+    spans = find_spans(explained, usd_by_line(costs))
     assert {(s.kind, s.line) for s in spans} == {("tools_reordered", 4), ("timestamp", 9)}
     for cost in costs:
         assert sum(s.usd_lost[cost.provider_model] for s in spans) == pytest.approx(cost.lost_to_breaks_usd)
@@ -189,16 +189,10 @@ def render(renderable: object) -> str:
     return out.getvalue()
 
 
-def usage(name: str, approximate: bool, cost: float | None) -> ProviderUsage:
-    return ProviderUsage(name, 2000, 1000, 0, 0, cost, cost, approximate, ())
-
-
 def test_the_approximate_footnote_only_where_a_count_is_approximate() -> None:
-    exact = LogCost("openai:gpt-4.1", [usage("openai:gpt-4.1", False, 0.01)], 0.01, 0.0)
-    rough = LogCost(
-        "anthropic:claude-sonnet-5-5", [usage("anthropic:x", True, 0.01)], 0.01, 0.0, approximate=True
-    )
-    unpriced = LogCost("vllm:m", [usage("vllm:m", False, None)], None, None)
+    exact = LogCost("openai:gpt-4.1", 0.01, 0.0, prompt_tokens=2000, cached_tokens=1000)
+    rough = LogCost("anthropic:claude-sonnet-5-5", 0.01, 0.0, approximate=True, prompt_tokens=2000)
+    unpriced = LogCost("vllm:m", None, None, prompt_tokens=2000)
     assert "~" not in render(cost_table([exact])) and "n/a" not in render(cost_table([exact]))
     assert "~ token counts approximate" in render(cost_table([exact, rough]))
     assert "n/a: no price" in render(cost_table([exact, unpriced])) and "~ token" not in render(
@@ -211,11 +205,12 @@ def test_a_loss_with_nothing_changed_is_named_the_providers_side(chat_renderer: 
     explained = explain_requests(log, chat_renderer, 32)
     cost = LogCost(
         "openai:gpt-4.1",
-        [usage("openai:gpt-4.1", False, 0.01)],
         0.01,
         0.002,
         {UNKNOWN: 0.002},
         losses=(Loss(1, 0.002, 500, UNKNOWN, UNKNOWN, False),),
+        prompt_tokens=2000,
+        cached_tokens=1000,
     )
     from rich.console import Console
 

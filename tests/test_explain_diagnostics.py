@@ -21,7 +21,7 @@ from conftest import run_script, validate
 from openai.types.responses import Response
 
 from harness.explain import ChatRequest, explain_requests, parse_record
-from harness.explain.costs import provider_requests
+from harness.explain.costs import provider_request, segments_of
 from harness.explain.diagnostics import compare_diagnostics, read_diagnostics, summary
 from harness.explain.formats import LoggedResponse
 from harness.explain.origin import answered_by, reconcile_answered
@@ -130,9 +130,10 @@ def claude_usage(requests: list[ChatRequest]) -> list[dict[str, int]]:
     out: dict[int, dict[str, int]] = {}
     for model in {r.body["model"] for r in requests}:
         same = [r for r in requests if r.body["model"] == model]
-        stand_ins = [type("E", (), {"line": r.line, "reference_line": None})() for r in same]
         simulated = simulate(
-            f"anthropic:{model}", provider_requests(same, stand_ins, auto_cache=False), table
+            f"anthropic:{model}",
+            [provider_request(r, segments_of(r), automatic=False) for r in same],
+            table,
         )
         for request, usage in zip(same, simulated, strict=True):
             read, written = round(usage.cached_tokens * 1.1), round(usage.cache_write_tokens * 1.1)

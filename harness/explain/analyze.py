@@ -23,11 +23,10 @@ analysis grows with the number of tokens in the log, not with its square.
 
 from __future__ import annotations
 
-import json
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness.explain.formats import ChatRequest, LoggedUsage
@@ -80,6 +79,7 @@ class RequestExplanation:
     span_end: int = 0
     span_reference_end: int = 0
     span_text: str = ""
+    span_stable_end: int = 0  # where the stable part would end with the span moved out
     token_ids: Sequence[int] = field(default=(), repr=False, compare=False)  # the prompt as rendered
     reply_ids: Sequence[int] = field(default=(), repr=False, compare=False)  # the reply as generated
 
@@ -137,28 +137,59 @@ class _Cache:
         self.owners.append(line)
 
 
+def share(previous: Sequence[Any] | None, current: Sequence[Any]) -> tuple[Any, ...]:
+    """``current`` with every item equal to ``previous``'s item at the same place replaced by that
+    object: a session's requests repeat their history, which is then held once, not per request."""
+    if not previous:
+        return tuple(current)
+    n = len(previous)
+    return tuple(previous[i] if i < n and previous[i] == item else item for i, item in enumerate(current))
+
+
+SHARED_FIELDS = ("messages", "input", "tools", "system")  # the parts of a body that repeat
+
+
+def compact(request: ChatRequest, previous: ChatRequest | None) -> ChatRequest:
+    """``request`` holding the same objects as ``previous`` wherever their bodies agree."""
+    if previous is None:
+        return request
+    body = dict(request.body)
+    for name in SHARED_FIELDS:
+        value, before = body.get(name), previous.body.get(name)
+        if value is None or before is None:
+            continue
+        if value == before:
+            body[name] = before
+        elif isinstance(value, list) and isinstance(before, list):
+            body[name] = list(share(before, value))
+    return replace(request, body=body)
+
+
 @dataclass
 class _Session:
     """What the analysis keeps of one open session: every request's tokens (each stored as what it
-    adds to an earlier one) and shape, to compare a new request with the one it meant to extend."""
+    adds to an earlier one), shape and body, to compare a new request with the one it meant to
+    extend. What repeats from request to request is held once (``share``, ``compact``), so a
+    session costs its distinct messages, not the sum of its requests."""
 
     cache: _Cache
-    # sequence -> (conversation, tools) as the template saw them: what the hints compare. Messages
-    # and tool lists that repeat are one object (``_intern``), so a session costs its distinct
-    # messages, not the sum of its requests.
+    # sequence -> (conversation, tools) as the template saw them: what the hints compare.
     shapes: list[tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]] = field(default_factory=list)
-    interned: dict[str, Any] = field(default_factory=dict)
+    prompt_lengths: array[int] = field(default_factory=lambda: array("q"))  # sequence -> its prompt's tokens
+    requests: dict[int, ChatRequest] = field(default_factory=dict)  # line -> the request (kept_requests)
     chain: BlockChain | None = None  # the latest request's blocks: the next one hashes only what is new
     last_seen: float = 0.0  # when it was last used (the log's timestamp, else the request's number)
 
-    def intern(self, value: Any) -> Any:
-        key = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-        return self.interned.setdefault(key, value)
-
     def shape(self, rendered: Rendered) -> tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]:
-        conversation = tuple(self.intern(message) for message in rendered.conversation)
-        tools = self.intern(rendered.tools) if rendered.tools is not None else None
-        return conversation, tools
+        conversation, tools = self.shapes[-1] if self.shapes else ((), None)
+        shared_tools = tools if tools is not None and tools == rendered.tools else rendered.tools
+        return share(conversation, rendered.conversation), shared_tools
+
+
+def response_id(request: ChatRequest) -> str | None:
+    """The id of the request's logged response (what a later request names as its baseline)."""
+    said = request.response.diagnostics if request.response is not None else None
+    return said.response_id if said is not None else None
 
 
 def _status(first_divergence: int, prompt_len: int, reference_len: int | None) -> str:
@@ -223,6 +254,7 @@ class LogExplainer:
         cache_tokens: int | None = None,
         session_window: float | None = DEFAULT_SESSION_WINDOW_S,
         keep_tokens: bool = True,
+        keep_requests: bool = False,
         profile: Profile = DISABLED,
     ) -> None:
         if scope not in SCOPES:
@@ -235,12 +267,14 @@ class LogExplainer:
         self.capacity_blocks = None if cache_tokens is None else max(1, cache_tokens // block_size)
         self.session_window = session_window
         self.keep_tokens = keep_tokens  # every explanation keeps its tokens (a replay sends them)
+        self.keep_requests = keep_requests  # open sessions keep their bodies (``request_at``)
         self.profile = profile
         # Both scopes are kept: the one asked for predicts, the other names a disagreement's cause.
         self._caches: dict[str, dict[tuple[str | None, str | None], _Cache]] = {SHARED: {}, SESSION: {}}
         # every request of a session, whatever its salt; least recently used first
         self._sessions: OrderedDict[str | None, _Session] = OrderedDict()
         self._closed: set[str | None] = set()
+        self._responses: dict[str, tuple[str | None, int]] = {}  # response id -> (session, line)
         self._requests = 0
         self._peak_blocks = 0
         self._evicted_blocks = 0
@@ -265,7 +299,9 @@ class LogExplainer:
             sid, state = next(iter(self._sessions.items()))
             if now - state.last_seen <= window:
                 return
-            del self._sessions[sid]
+            closing = self._sessions.pop(sid)
+            for request in closing.requests.values():
+                self._responses.pop(response_id(request) or "", None)
             for key in [k for k in self._caches[SESSION] if k[0] == sid]:
                 closed = self._caches[SESSION].pop(key)
                 if self.scope == SESSION:
@@ -290,6 +326,16 @@ class LogExplainer:
             self.sessions_closed,
             self.sessions_reopened,
         )
+
+    def request_at(self, session_id: str | None, line: int) -> ChatRequest | None:
+        """An earlier request of an open session (``keep_requests``): a reference, a baseline."""
+        session = self._sessions.get(session_id)
+        return session.requests.get(line) if session is not None else None
+
+    def by_response_id(self, said: str) -> ChatRequest | None:
+        """The earlier request whose logged response has this id (in an open session)."""
+        where = self._responses.get(said)
+        return self.request_at(*where) if where is not None else None
 
     def explain(self, request: ChatRequest) -> RequestExplanation:
         """Predict and explain one request's cache hit, then remember it for the ones after."""
@@ -339,7 +385,7 @@ class LogExplainer:
         role: str | None = None
         divergence: Divergence | None = None
         hint: Hint | None = None
-        span_end = span_reference_end = 0
+        span_end = span_reference_end = span_stable_end = 0
         span_text = ""
         if ref is not None and index < len(prompt):
             with stage("messages"):
@@ -363,6 +409,9 @@ class LogExplainer:
                     )
                     span_end, span_reference_end = resync(prompt, reference, index)
                     span_text = renderer.decode(prompt[index:span_end])
+                    # With the span moved out, the reference's prompt but the span is the stable part.
+                    stable = session.prompt_lengths[ref] - (span_reference_end - index)
+                    span_stable_end = max(index, stable)
 
         reply: list[int] = []
         reply_source: str | None = None
@@ -387,6 +436,14 @@ class LogExplainer:
             session.chain = chain
         with stage("hints and spans"):
             session.shapes.append(session.shape(rendered))
+            session.prompt_lengths.append(len(prompt))
+            if self.keep_requests:
+                owners = session.cache.owners  # this request's line is the last
+                latest = session.requests.get(owners[-2]) if len(owners) > 1 else None
+                session.requests[request.line] = compact(request, latest)
+                said = response_id(request)
+                if said is not None:
+                    self._responses[said] = (request.session_id, request.line)
         return RequestExplanation(
             line=request.line,
             session_id=request.session_id,
@@ -411,6 +468,7 @@ class LogExplainer:
             span_end=span_end,
             span_reference_end=span_reference_end,
             span_text=span_text,
+            span_stable_end=span_stable_end,
             token_ids=array("q", prompt) if self.keep_tokens else (),
             reply_ids=array("q", reply) if self.keep_tokens else (),
         )

@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                 backend.close()
 
     costs = price_log(providers, requests, explanations, table, spec.display_name) if providers else []
-    local_spans = find_spans(explanations, renderer.decode, usd_by_line(costs))
+    local_spans = find_spans(explanations, usd_by_line(costs))
     spans = sorted([*local_spans, *provider_spans(costs)], key=lambda s: (-s.tokens_lost, s.line))
     suggestion = None
     if args.suggest and local_spans:

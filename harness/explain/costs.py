@@ -42,9 +42,19 @@ from typing import Any
 from harness.explain.analyze import RequestExplanation
 from harness.explain.formats import ChatRequest
 from harness.explain.provider_view import PieceChange, Reading, first_change, segments_of, ttl_of
-from harness.providers import PriceTable, ProviderRequest, ProviderUsage, price, simulate
+from harness.providers import PriceTable, ProviderRequest, ProviderUsage, Segment, Simulation, price
 
-__all__ = ["ENGINES", "LogCost", "Loss", "expand", "price_log", "segments_of", "usd_by_line"]
+__all__ = [
+    "ENGINES",
+    "LogCost",
+    "Loss",
+    "Priced",
+    "Pricer",
+    "expand",
+    "price_log",
+    "segments_of",
+    "usd_by_line",
+]
 
 ENGINES = ("vllm", "sglang")
 # What "--provider all" prices besides the engines: each provider's default model in the table.
@@ -79,29 +89,70 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class Priced:
+    """One request under one provider: its usage, what its break cost, and (a hosted provider)
+    where it stops extending its reference in that provider's reading."""
+
+    usage: ProviderUsage
+    loss: Loss | None
+    change: PieceChange | None
+    hosted: bool
+
+    def to_json(self, e: RequestExplanation) -> dict[str, Any]:
+        usage, loss = self.usage, self.loss
+        row: dict[str, Any] = {
+            "cached_tokens": usage.cached_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "cost_usd": usage.cost_usd,
+            "cost_if_extended_usd": usage.cost_if_extended_usd,
+            "cached_if_extended_tokens": usage.cached_if_extended_tokens,
+            "approximate": usage.approximate,
+            "notes": list(usage.notes),
+            "lost_usd": round(loss.usd, 6) if loss is not None else 0.0,
+            "cause": loss.cause if loss is not None else None,
+            "found_by": loss.found_by if loss is not None else None,
+        }
+        if self.hosted:
+            row["status"] = "cold" if e.reference_line is None else ("break" if self.change else "extends")
+            row["change"] = self.change.to_json() if self.change is not None else None
+        return row
+
+
+@dataclass(frozen=True)
 class LogCost:
-    """One provider's view of the whole log."""
+    """One provider's view of the whole log: running totals, and every loss with its cause."""
 
     provider_model: str
-    usages: list[ProviderUsage]
     spent_usd: float | None
     lost_to_breaks_usd: float | None
     lost_by_cause: dict[str, float] = field(default_factory=dict)
     approximate: bool = False
     assumption: str | None = None  # e.g. automatic caching assumed for a log without cache_control
     losses: tuple[Loss, ...] = ()
-    # Per request (hosted providers): where it first stops extending its reference in this
-    # provider's reading, None when it extends it (or has no reference); empty for the engines.
-    changes: tuple[PieceChange | None, ...] = ()
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    priced: tuple[Priced, ...] = ()  # per request, when kept (``price_log``; not for a log streamed)
+
+    @property
+    def usages(self) -> list[ProviderUsage]:
+        return [p.usage for p in self.priced]
+
+    @property
+    def changes(self) -> tuple[PieceChange | None, ...]:
+        """Per request (hosted providers): where it first stops extending its reference in this
+        provider's reading, None when it extends it (or has no reference); empty for the engines."""
+        return tuple(p.change for p in self.priced) if any(p.hosted for p in self.priced) else ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "spent_usd": _round(self.spent_usd),
             "lost_to_breaks_usd": _round(self.lost_to_breaks_usd),
             "lost_by_cause_usd": {k: _round(v) for k, v in self.lost_by_cause.items()},
-            "cached_tokens": sum(u.cached_tokens for u in self.usages),
-            "cache_write_tokens": sum(u.cache_write_tokens for u in self.usages),
-            "prompt_tokens": sum(u.prompt_tokens for u in self.usages),
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "approximate": self.approximate,
             "assumption": self.assumption,
             "losses": [loss.to_json() for loss in self.losses],
@@ -124,91 +175,40 @@ def expand(names: Sequence[str]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- the log as pieces
+# --------------------------------------------------------------------------- one request, one provider
 
 
 def _has_breakpoints(request: ChatRequest) -> bool:
     return "cache_control" in json.dumps(request.body)
 
 
-def provider_requests(
-    requests: Sequence[ChatRequest], explanations: Sequence[RequestExplanation], auto_cache: bool
-) -> list[ProviderRequest]:
-    """The log for ``harness.providers.simulate``: pieces, timestamps, references by position.
-
-    ``auto_cache``: a request without any ``cache_control`` gets Anthropic's top-level automatic
-    caching (what a client sending it to Anthropic would switch on); others keep their own."""
-    position = {e.line: i for i, e in enumerate(explanations)}
-    out: list[ProviderRequest] = []
-    for request, explained in zip(requests, explanations, strict=True):
-        body = request.body
-        control = body.get("cache_control")
-        automatic = auto_cache and not _has_breakpoints(request)
-        top = ttl_of({"cache_control": control}) if control is not None else ("5m" if automatic else None)
-        usage = request.response.usage if request.response is not None else None
-        options = body.get("prompt_cache_options")
-        out.append(
-            ProviderRequest(
-                line=request.line,
-                session_id=request.session_id,
-                timestamp=request.timestamp,
-                segments=segments_of(request),
-                model=body.get("model"),
-                prompt_cache_key=body.get("prompt_cache_key"),
-                top_level_cache_control=top,
-                output_tokens=int(usage.output_tokens or 0) if usage is not None else 0,
-                reference=position.get(explained.reference_line)
-                if explained.reference_line is not None
-                else None,
-                openai_cache_mode=options.get("mode") if isinstance(options, dict) else None,
-            )
-        )
-    return out
+def provider_request(
+    request: ChatRequest, segments: tuple[Segment, ...], automatic: bool
+) -> ProviderRequest:
+    """One request as ``harness.providers`` reads it. ``automatic``: Anthropic's top-level automatic
+    caching for a request without any ``cache_control`` (what a client sending it to Anthropic
+    would switch on); a request with its own breakpoints keeps them."""
+    body = request.body
+    control = body.get("cache_control")
+    top = ttl_of({"cache_control": control}) if control is not None else ("5m" if automatic else None)
+    options = body.get("prompt_cache_options")
+    return ProviderRequest(
+        line=request.line,
+        session_id=request.session_id,
+        timestamp=request.timestamp,
+        segments=segments,
+        model=body.get("model"),
+        prompt_cache_key=body.get("prompt_cache_key"),
+        top_level_cache_control=top,
+        output_tokens=_output_tokens(request),
+        reference=None,
+        openai_cache_mode=options.get("mode") if isinstance(options, dict) else None,
+    )
 
 
-# --------------------------------------------------------------------------- the engines
-
-
-def _engine_usages(
-    engine: str, model: str, explanations: Sequence[RequestExplanation], table: PriceTable, output: list[int]
-) -> list[ProviderUsage]:
-    key = f"{engine}:*"
-    usages: list[ProviderUsage] = []
-    for e, out_tokens in zip(explanations, output, strict=True):
-        last = max(0, e.prompt_tokens - 1)  # the last prompt token is always computed
-        if engine == "vllm":
-            cached, kept = e.predicted_cached_tokens, e.predicted_cached_tokens + e.lost_tokens
-        else:  # page size 1: every shared token counts
-            cached = min(e.cache_common_prefix, last)
-            kept = max(cached, min(e.reference_tokens, last)) if e.reference_line is not None else cached
-        cost = price(
-            key, table, prompt_tokens=e.prompt_tokens, cached_tokens=cached, output_tokens=out_tokens
-        )
-        if_extended = price(
-            key, table, prompt_tokens=e.prompt_tokens, cached_tokens=kept, output_tokens=out_tokens
-        )
-        usages.append(
-            ProviderUsage(
-                f"{engine}:{model}",
-                e.prompt_tokens,
-                cached,
-                0,
-                out_tokens,
-                cost,
-                if_extended,
-                False,
-                (),
-                kept,
-            )
-        )
-    return usages
-
-
-# --------------------------------------------------------------------------- totals
-
-
-def _sum(values: Sequence[float | None]) -> float | None:
-    return None if any(v is None for v in values) else float(sum(v for v in values if v is not None))
+def _output_tokens(request: ChatRequest) -> int:
+    usage = request.response.usage if request.response is not None else None
+    return int(usage.output_tokens or 0) if usage is not None else 0
 
 
 def _engine_cause(request: ChatRequest, e: RequestExplanation, reference: ChatRequest | None) -> str:
@@ -220,6 +220,111 @@ def _engine_cause(request: ChatRequest, e: RequestExplanation, reference: ChatRe
     return UNKNOWN
 
 
+class Pricer:
+    """One provider's prices for a log, request by request in log order (``add``), with running
+    totals (``total``): what a long log needs is the provider's cache, not its requests."""
+
+    def __init__(self, name: str, table: PriceTable, model: str, keep: bool = False) -> None:
+        self.table = table
+        self.engine = name if name in ENGINES else None
+        self.keep = keep  # keep every request's result (``LogCost.priced``)
+        if self.engine is not None:
+            self.provider_model = f"{name}:{model}"
+        else:
+            self.simulation = Simulation(name, table)
+            self.reading = Reading(self.simulation.entry)
+            self.provider_model = self.simulation.entry.key
+        self._priced: list[Priced] = []
+        self._losses: list[Loss] = []
+        self._spent: float | None = 0.0
+        self._all_priced = True
+        self._approximate = False
+        self._tokens = [0, 0, 0]  # prompt, cached, written
+        self._requests = 0
+        self._without_breakpoints = 0
+
+    def _usage(self, request: ChatRequest, e: RequestExplanation) -> ProviderUsage:
+        assert self.engine is not None
+        key, out_tokens = f"{self.engine}:*", _output_tokens(request)
+        last = max(0, e.prompt_tokens - 1)  # the last prompt token is always computed
+        if self.engine == "vllm":
+            cached, kept = e.predicted_cached_tokens, e.predicted_cached_tokens + e.lost_tokens
+        else:  # page size 1: every shared token counts
+            cached = min(e.cache_common_prefix, last)
+            kept = max(cached, min(e.reference_tokens, last)) if e.reference_line is not None else cached
+        cost, if_extended = (
+            price(key, self.table, prompt_tokens=e.prompt_tokens, cached_tokens=n, output_tokens=out_tokens)
+            for n in (cached, kept)
+        )
+        return ProviderUsage(
+            self.provider_model, e.prompt_tokens, cached, 0, out_tokens, cost, if_extended, False, (), kept
+        )
+
+    def add(self, request: ChatRequest, e: RequestExplanation, reference: ChatRequest | None) -> Priced:
+        """``reference``: the earlier request ``e`` compares with (its ``reference_line``)."""
+        change: PieceChange | None = None
+        if self.engine is not None:
+            usage = self._usage(request, e)
+        else:
+            entry = self.simulation.entry
+            pieces, prompt = self.reading.read(request)
+            automatic = entry.key.startswith("anthropic:") and not _has_breakpoints(request)
+            self._without_breakpoints += automatic
+            segments = tuple(segment for segment, _ in pieces)
+            before = self.reading.read(reference)[1] if reference is not None else None
+            usage = self.simulation.add(provider_request(request, segments, automatic), prompt, before)
+            if reference is not None:
+                change = first_change(reference, request, reading=self.reading, span=False)
+                if change is not None and change.cause != e.cause:
+                    # Only this provider's reading shows it: a volatile span of its own, with its extent.
+                    change = first_change(reference, request, reading=self.reading)
+        loss = None
+        if usage.cost_usd is None or usage.cost_if_extended_usd is None:
+            self._all_priced = False
+        elif usage.cost_usd - usage.cost_if_extended_usd > 0:
+            extra = usage.cost_usd - usage.cost_if_extended_usd
+            tokens = max(0, (usage.cached_if_extended_tokens or usage.cached_tokens) - usage.cached_tokens)
+            if self.engine is None:
+                cause = change.cause if change is not None else UNKNOWN
+                found_by = usage.provider_model if change is not None else UNKNOWN
+                loss = Loss(e.line, extra, tokens, cause, found_by, cause == e.cause, change)
+            else:
+                cause = _engine_cause(request, e, reference)
+                loss = Loss(e.line, extra, tokens, cause, LOCAL, cause == e.cause)
+            self._losses.append(loss)
+        self._requests += 1
+        self._spent = None if self._spent is None or usage.cost_usd is None else self._spent + usage.cost_usd
+        self._approximate = self._approximate or usage.approximate
+        for i, value in enumerate((usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens)):
+            self._tokens[i] += value
+        priced = Priced(usage, loss, change, self.engine is None)
+        if self.keep:
+            self._priced.append(priced)
+        return priced
+
+    def total(self) -> LogCost:
+        assumption = None
+        if self._without_breakpoints:
+            assumption = (
+                f"{self._without_breakpoints} of {self._requests} requests have no cache_control: "
+                "Anthropic's automatic caching (a top-level cache_control) assumed for them"
+            )
+        lost_by: dict[str, float] = {}
+        for loss in self._losses:
+            lost_by[loss.cause] = lost_by.get(loss.cause, 0.0) + loss.usd
+        return LogCost(
+            self.provider_model,
+            self._spent,
+            sum(loss.usd for loss in self._losses) if self._all_priced else None,
+            lost_by,
+            self._approximate,
+            assumption,
+            tuple(self._losses),
+            *self._tokens,
+            tuple(self._priced),
+        )
+
+
 def price_log(
     names: Sequence[str],
     requests: Sequence[ChatRequest],
@@ -228,81 +333,14 @@ def price_log(
     model: str,
 ) -> list[LogCost]:
     """Every ``names`` provider's usage and cost for the log, each lost dollar with its cause
-    (see the module docstring)."""
-    output = [
-        int(r.response.usage.output_tokens or 0)
-        if r.response is not None and r.response.usage is not None
-        else 0
-        for r in requests
-    ]
+    (see the module docstring); every request's result kept (``LogCost.priced``)."""
     by_line = {r.line: r for r in requests}
-    references = [
-        by_line.get(e.reference_line) if e.reference_line is not None else None for e in explanations
-    ]
-    without = sum(not _has_breakpoints(r) for r in requests)
-    costs: list[LogCost] = []
-    for name in names:
-        assumption = None
-        changes: tuple[PieceChange | None, ...] = ()
-        if name in ENGINES:
-            usages = _engine_usages(name, model, explanations, table, output)
-        else:
-            entry = table.entry(name)
-            auto = entry.key.startswith("anthropic:") and without > 0
-            if auto:
-                assumption = (
-                    f"{without} of {len(requests)} requests have no cache_control: Anthropic's automatic "
-                    "caching (a top-level cache_control) assumed for them"
-                )
-            usages = simulate(entry.key, provider_requests(requests, explanations, auto), table)
-            reading = Reading(entry)
-            found: list[PieceChange | None] = []
-            for request, reference, e in zip(requests, references, explanations, strict=True):
-                change = (
-                    first_change(reference, request, reading=reading, span=False)
-                    if reference is not None
-                    else None
-                )
-                if change is not None and change.cause != e.cause:
-                    # Only this provider's reading shows it: a volatile span of its own, with its extent.
-                    change = first_change(reference, request, reading=reading)
-                found.append(change)
-            changes = tuple(found)
-        losses: list[Loss] = []
-        priced = True
-        for i, (request, e, u) in enumerate(zip(requests, explanations, usages, strict=True)):
-            if u.cost_usd is None or u.cost_if_extended_usd is None:
-                priced = False
-                continue
-            extra = u.cost_usd - u.cost_if_extended_usd
-            if extra <= 0:
-                continue
-            tokens = max(0, (u.cached_if_extended_tokens or u.cached_tokens) - u.cached_tokens)
-            if changes:
-                change = changes[i]
-                cause = change.cause if change is not None else UNKNOWN
-                found_by = u.provider_model if change is not None else UNKNOWN
-                losses.append(Loss(e.line, extra, tokens, cause, found_by, cause == e.cause, change))
-            else:
-                cause = _engine_cause(request, e, references[i])
-                losses.append(Loss(e.line, extra, tokens, cause, LOCAL, cause == e.cause))
-        lost_by: dict[str, float] = {}
-        for loss in losses:
-            lost_by[loss.cause] = lost_by.get(loss.cause, 0.0) + loss.usd
-        costs.append(
-            LogCost(
-                usages[0].provider_model if usages else name,
-                usages,
-                _sum([u.cost_usd for u in usages]),
-                sum(loss.usd for loss in losses) if priced else None,
-                lost_by,
-                any(u.approximate for u in usages),
-                assumption,
-                tuple(losses),
-                changes,
-            )
-        )
-    return costs
+    pricers = [Pricer(name, table, model, keep=True) for name in names]
+    for request, e in zip(requests, explanations, strict=True):
+        reference = by_line.get(e.reference_line) if e.reference_line is not None else None
+        for pricer in pricers:
+            pricer.add(request, e, reference)
+    return [pricer.total() for pricer in pricers]
 
 
 def usd_by_line(costs: Sequence[LogCost]) -> dict[int, dict[str, float]]:

@@ -30,10 +30,10 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlparse
 
 from harness.explain.analyze import RequestExplanation
-from harness.explain.costs import provider_requests
+from harness.explain.costs import provider_request, segments_of
 from harness.explain.formats import ChatRequest
 from harness.explain.reconcile import reconcile_with_provider
-from harness.providers import PriceTable, simulate
+from harness.providers import PriceTable, Simulation
 
 API_HOSTS = {
     "api.anthropic.com": "anthropic",
@@ -118,24 +118,39 @@ def answered_by(request: ChatRequest, table: PriceTable) -> Origin:
     return Origin(key, provider, model, host, f"{model}{where}")
 
 
+class Answered:
+    """Who answered each request, and its reported usage held to that provider's simulation,
+    request by request in log order (one ``Simulation`` per provider that answered)."""
+
+    def __init__(self, table: PriceTable) -> None:
+        self.table = table
+        self._simulations: dict[str, Simulation] = {}
+
+    def add(self, request: ChatRequest, e: RequestExplanation) -> tuple[RequestExplanation, Origin | None]:
+        """``e`` reconciled with the provider that answered (unchanged for vLLM), and the origin
+        (None: no response logged)."""
+        if request.response is None:
+            return e, None
+        origin = answered_by(request, self.table)
+        key = origin.provider_model
+        if key is None:
+            return e, origin
+        simulation = self._simulations.get(key)
+        if simulation is None:
+            simulation = self._simulations[key] = Simulation(key, self.table)
+        # The body as it was sent: a request without cache_control cached nothing there.
+        usage = simulation.add(provider_request(request, segments_of(request), automatic=False))
+        logged = e.usage
+        if logged is not None and logged.cached_tokens is not None:
+            e = replace(e, reconciliation=reconcile_with_provider(logged, usage))
+        return e, origin
+
+
 def reconcile_answered(
     requests: Sequence[ChatRequest], explanations: Sequence[RequestExplanation], table: PriceTable
 ) -> tuple[list[RequestExplanation], list[Origin | None]]:
     """The explanations with the usage of every request a hosted provider answered reconciled
     with that provider's simulation; and each request's ``Origin`` (None: no response logged)."""
-    origins = [answered_by(r, table) if r.response is not None else None for r in requests]
-    groups: dict[str, list[int]] = {}
-    for i, origin in enumerate(origins):
-        if origin is not None and origin.provider_model is not None:
-            groups.setdefault(origin.provider_model, []).append(i)
-    out = list(explanations)
-    for key, indices in groups.items():
-        chosen = [requests[i] for i in indices]
-        explained = [explanations[i] for i in indices]
-        # The bodies as they were sent: a request without cache_control cached nothing there.
-        usages = simulate(key, provider_requests(chosen, explained, auto_cache=False), table)
-        for i, usage in zip(indices, usages, strict=True):
-            logged = explanations[i].usage
-            if logged is not None and logged.cached_tokens is not None:
-                out[i] = replace(out[i], reconciliation=reconcile_with_provider(logged, usage))
-    return out, origins
+    answered = Answered(table)
+    pairs = [answered.add(r, e) for r, e in zip(requests, explanations, strict=True)]
+    return [e for e, _ in pairs], [o for _, o in pairs]

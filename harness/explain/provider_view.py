@@ -31,6 +31,7 @@ dollar the simulation says a break cost has a change here to name it.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -262,13 +263,17 @@ class Reading:
     """One provider's reading of a log: each request's pieces and, with a table entry, its tokens.
 
     A request is read once as itself and is usually the next one's reference: the latest request
-    of each session is kept for that (not every request: a large log's tokens would not fit),
-    any other reference is read again.
+    of each of the most recently seen sessions is kept for that (not every request: a large log's
+    tokens would not fit), any other reference is read again.
     """
+
+    KEEP_SESSIONS = 256
 
     def __init__(self, entry: ModelEntry | None = None) -> None:
         self.entry = entry
-        self._latest: dict[str | None, tuple[int, list[tuple[Segment, Piece]], Prompt | None]] = {}
+        self._latest: OrderedDict[str | None, tuple[int, list[tuple[Segment, Piece]], Prompt | None]] = (
+            OrderedDict()
+        )
 
     def read(self, request: ChatRequest) -> tuple[list[tuple[Segment, Piece]], Prompt | None]:
         held = self._latest.get(request.session_id)
@@ -276,7 +281,11 @@ class Reading:
             return held[1], held[2]
         pieces = _read(request)
         prompt = layout(self.entry, [segment for segment, _ in pieces]) if self.entry is not None else None
-        self._latest[request.session_id] = (request.line, pieces, prompt)
+        if held is None or held[0] < request.line:  # a reference read again does not replace the latest
+            self._latest[request.session_id] = (request.line, pieces, prompt)
+            self._latest.move_to_end(request.session_id)
+            if len(self._latest) > self.KEEP_SESSIONS:
+                self._latest.popitem(last=False)
         return pieces, prompt
 
 

@@ -107,7 +107,7 @@ def report_json(
     rows = [e.to_json() for e in explanations]
     for i, (row, e) in enumerate(zip(rows, explanations, strict=True)):
         if costs:
-            row["providers"] = {c.provider_model: _provider_row(c, i, e) for c in costs}
+            row["providers"] = {c.provider_model: c.priced[i].to_json(e) for c in costs}
     for row, request in zip(rows, requests, strict=False):
         row["format"] = request.format
     by_line = {row["line"]: row for row in rows}
@@ -146,32 +146,6 @@ def report_json(
         "volatile_spans": [span.to_json() for span in spans],
         "suggestion": suggestion.to_json() if suggestion is not None else None,
     }
-
-
-def _provider_row(cost: LogCost, i: int, e: RequestExplanation) -> dict[str, Any]:
-    """One request under one provider: usage, cost, what it lost and why, and (hosted providers)
-    where it stops extending its reference in that provider's reading."""
-    usage = cost.usages[i]
-    loss = next((loss for loss in cost.losses if loss.line == e.line), None)
-    change = cost.changes[i] if cost.changes else None
-    row: dict[str, Any] = {
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "prompt_tokens": usage.prompt_tokens,
-        "cost_usd": usage.cost_usd,
-        "cost_if_extended_usd": usage.cost_if_extended_usd,
-        "cached_if_extended_tokens": usage.cached_if_extended_tokens,
-        "approximate": usage.approximate,
-        "notes": list(usage.notes),
-        "lost_usd": round(loss.usd, 6) if loss is not None else 0.0,
-        "cause": loss.cause if loss is not None else None,
-        "found_by": loss.found_by if loss is not None else None,
-    }
-    if cost.changes:
-        status = "cold" if e.reference_line is None else ("break" if change is not None else "extends")
-        row["status"] = status
-        row["change"] = change.to_json() if change is not None else None
-    return row
 
 
 def is_explain_result(document: Any) -> bool:

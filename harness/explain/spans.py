@@ -110,49 +110,55 @@ def fix_for(kind: str) -> str:
     return FIXES["value"] if kind in VALUE_KINDS else FIXES.get(kind, FIXES["changed_text"])
 
 
-def find_spans(
-    explanations: Sequence[RequestExplanation],
-    decode: Any,
-    usd_lost: dict[int, dict[str, float]] | None = None,
-) -> list[VolatileSpan]:
-    """The volatile spans of the log, most tokens lost first (see the module docstring).
+class SpanCollector:
+    """The volatile spans of a log, gathered break by break as the analysis goes (``add``)."""
 
-    ``usd_lost``: per line, per provider, the dollars its break cost (``costs.price_log``).
-    """
-    by_line = {e.line: e for e in explanations}
-    grouped: dict[tuple[str | None, int | None, str], VolatileSpan] = {}
-    for e in explanations:
+    def __init__(self) -> None:
+        self._grouped: dict[tuple[str | None, int | None, str], VolatileSpan] = {}
+
+    def add(self, e: RequestExplanation, dollars: dict[str, float] | None = None) -> None:
+        """One request; ``dollars``: per provider, what its break cost (``costs.usd_by_line``)."""
         if not e.is_break or e.reference_line is None:
-            continue
-        reference = by_line[e.reference_line]
-        end, ref_end = e.span_end, e.span_reference_end
+            return
         kind = e.cause or "changed_text"
         key = (e.session_id, e.message_index, kind)
-        dollars = (usd_lost or {}).get(e.line, {})
-        if key in grouped:
-            grouped[key] = _merged(grouped[key], e.lost_tokens, dollars)
-            continue
-        # With the span moved out, the reference's tokens but the span's would be the stable part.
-        stable = reference.prompt_tokens - (ref_end - e.first_divergence)
-        grouped[key] = VolatileSpan(
+        dollars = dollars or {}
+        if key in self._grouped:
+            self._grouped[key] = _merged(self._grouped[key], e.lost_tokens, dollars)
+            return
+        self._grouped[key] = VolatileSpan(
             session_id=e.session_id,
             line=e.line,
             message_index=e.message_index,
             start_token=e.first_divergence,
-            end_token=end,
+            end_token=e.span_end,
             kind=kind,
             tokens_lost=e.lost_tokens,
             occurrences=1,
             # the hint's value is the whole changed value ("2026-11-27 09:31 UTC"), where the
             # tokens may be one digit of it
-            text=e.hint.new
-            if e.hint is not None and e.hint.new
-            else e.span_text,
+            text=e.hint.new if e.hint is not None and e.hint.new else e.span_text,
             fix=fix_for(kind),
-            stable_end_token=max(e.first_divergence, stable),
+            stable_end_token=e.span_stable_end,
             usd_lost=dict(dollars),
         )
-    return sorted(grouped.values(), key=lambda s: (-s.tokens_lost, s.line))
+
+    def spans(self) -> list[VolatileSpan]:
+        """Most tokens lost first."""
+        return sorted(self._grouped.values(), key=lambda s: (-s.tokens_lost, s.line))
+
+
+def find_spans(
+    explanations: Sequence[RequestExplanation], usd_lost: dict[int, dict[str, float]] | None = None
+) -> list[VolatileSpan]:
+    """The volatile spans of the log, most tokens lost first (see the module docstring).
+
+    ``usd_lost``: per line, per provider, the dollars its break cost (``costs.usd_by_line``).
+    """
+    collector = SpanCollector()
+    for e in explanations:
+        collector.add(e, (usd_lost or {}).get(e.line))
+    return collector.spans()
 
 
 def _merged(span: VolatileSpan, tokens: int, dollars: dict[str, float]) -> VolatileSpan:

@@ -79,7 +79,7 @@ object (``above_tokens`` plus the same fields) prices the whole request above th
 from __future__ import annotations
 
 from harness.providers.requests import ProviderRequest, ProviderUsage, Segment
-from harness.providers.simulate import simulate
+from harness.providers.simulate import Simulation, simulate
 from harness.providers.table import (
     DEFAULT_TABLE_PATH,
     LongContext,
@@ -102,6 +102,7 @@ __all__ = [
     "ProviderUsage",
     "RuleSet",
     "Segment",
+    "Simulation",
     "count_tokens",
     "load_table",
     "price",

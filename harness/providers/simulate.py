@@ -66,64 +66,87 @@ def _cost(entry: ModelEntry, prompt: Prompt, outcome: cache.Outcome, output_toke
     )
 
 
-def simulate(
-    provider_model: str, requests: Sequence[ProviderRequest], table: PriceTable
-) -> list[ProviderUsage]:
-    """Each request's usage and cost under ``provider_model``'s rules, replayed in log order.
+class Simulation:
+    """One provider's cache, replayed request by request in log order (``add``).
 
     The cache state carries over from request to request as the provider keeps it: one cache per
     ``prompt_cache_key`` where the rule set is ``keyed`` (OpenAI, Azure, Mistral), else one shared
     cache (an Anthropic workspace, a Gemini project, a DeepSeek account); sessions do not separate
-    caches on these APIs. Timestamps, when present, expire
-    entries; a hit refreshes the entry it reads.
-
-    ``cost_if_extended_usd`` replays the request as if it had kept its reference's tokens
-    unchanged (append-only), against the same cache state; for a request that already extends its
-    reference, or has none, it equals ``cost_usd``.
+    caches on these APIs. Timestamps, when present, expire entries; a hit refreshes the entry it
+    reads. What it holds is the provider's cache (digests of written prefixes, chunks of prompts
+    seen), never the log.
     """
-    entry = table.entry(provider_model)
-    if entry.rules.family == "engine":
-        raise UserError(
-            f"'{provider_model}' is a self-hosted engine: the explainer simulates it exactly with the "
-            "model's own tokenizer; simulate() covers the hosted providers"
-        )
-    prompts = [layout(entry, request.segments) for request in requests]
-    stores: dict[tuple[str | None, str], Store] = {}
-    usages: list[ProviderUsage] = []
-    for index, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
-        serving = _serving(entry, request, table)
+
+    def __init__(self, provider_model: str, table: PriceTable) -> None:
+        self.entry = table.entry(provider_model)
+        if self.entry.rules.family == "engine":
+            raise UserError(
+                f"'{provider_model}' is a self-hosted engine: the explainer simulates it exactly with the "
+                "model's own tokenizer; simulate() covers the hosted providers"
+            )
+        self.table = table
+        self._stores: dict[tuple[str | None, str], Store] = {}
+
+    def layout(self, request: ProviderRequest) -> Prompt:
+        return layout(self.entry, request.segments)
+
+    def add(
+        self, request: ProviderRequest, prompt: Prompt | None = None, reference: Prompt | None = None
+    ) -> ProviderUsage:
+        """The request's usage and cost; ``prompt``: its layout, when the caller has it already.
+
+        ``reference``: the layout of the earlier request this one meant to extend. Its
+        ``cost_if_extended_usd`` replays the request as if it had kept the reference's tokens
+        unchanged (append-only), against the same cache state; for a request that already extends
+        its reference, or has none, it equals ``cost_usd``.
+        """
+        entry = self.entry
+        prompt = prompt if prompt is not None else self.layout(request)
+        serving = _serving(entry, request, self.table)
         scope = request.prompt_cache_key if serving.rules.keyed else None
-        store = stores.setdefault((scope, serving.rules.name), _new_store(serving))
+        store = self._stores.setdefault((scope, serving.rules.name), _new_store(serving))
         outcome = _outcome(serving, prompt, request, store)
         cost = _cost(serving, prompt, outcome, request.output_tokens)
         cost_if_extended = cost
         cached_if_extended = outcome.cached
+        if reference is not None and not is_append_only(reference, prompt):
+            # Asked before commit(): the counterfactual meets the state the real request met.
+            alternative = extended(reference, prompt)
+            alternative = _within_breakpoint_limit(serving, alternative)
+            counterfactual = _outcome(serving, alternative, request, store)
+            cost_if_extended = _cost(serving, alternative, counterfactual, request.output_tokens)
+            cached_if_extended = counterfactual.cached
+        outcome.commit()
+        return ProviderUsage(
+            provider_model=entry.key,
+            prompt_tokens=prompt.length,
+            cached_tokens=outcome.cached,
+            cache_write_tokens=outcome.written,
+            output_tokens=request.output_tokens,
+            cost_usd=cost,
+            cost_if_extended_usd=cost_if_extended,
+            approximate=not entry.exact_tokens,
+            notes=outcome.notes,
+            cached_if_extended_tokens=cached_if_extended,
+        )
+
+
+def simulate(
+    provider_model: str, requests: Sequence[ProviderRequest], table: PriceTable
+) -> list[ProviderUsage]:
+    """Each request's usage and cost under ``provider_model``'s rules, replayed in log order
+    (``Simulation``); ``ProviderRequest.reference`` names an earlier request by position."""
+    simulation = Simulation(provider_model, table)
+    prompts: list[Prompt] = []
+    usages: list[ProviderUsage] = []
+    for index, request in enumerate(requests):
+        prompts.append(simulation.layout(request))
+        reference = None
         if request.reference is not None:
             if not 0 <= request.reference < index:
                 raise ValueError(f"request {index}: reference {request.reference} is not an earlier request")
             reference = prompts[request.reference]
-            if not is_append_only(reference, prompt):
-                # Asked before commit(): the counterfactual meets the state the real request met.
-                alternative = extended(reference, prompt)
-                alternative = _within_breakpoint_limit(serving, alternative)
-                counterfactual = _outcome(serving, alternative, request, store)
-                cost_if_extended = _cost(serving, alternative, counterfactual, request.output_tokens)
-                cached_if_extended = counterfactual.cached
-        outcome.commit()
-        usages.append(
-            ProviderUsage(
-                provider_model=entry.key,
-                prompt_tokens=prompt.length,
-                cached_tokens=outcome.cached,
-                cache_write_tokens=outcome.written,
-                output_tokens=request.output_tokens,
-                cost_usd=cost,
-                cost_if_extended_usd=cost_if_extended,
-                approximate=not entry.exact_tokens,
-                notes=outcome.notes,
-                cached_if_extended_tokens=cached_if_extended,
-            )
-        )
+        usages.append(simulation.add(request, prompts[-1], reference))
     return usages
 
 

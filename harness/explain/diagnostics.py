@@ -248,23 +248,32 @@ class Diagnosis:
         }
 
 
-def compare_diagnostics(
-    requests: Sequence[ChatRequest],
-    explanations: Sequence[RequestExplanation],
-    table: PriceTable | None = None,
-    entry_of: Callable[[ChatRequest], str | None] | None = None,
-) -> list[Diagnosis]:
-    """Every request that carries a provider's diagnosis (or asked Anthropic for one), compared.
+class Diagnoser:
+    """Each request that carries a provider's diagnosis (or asked Anthropic for one), compared
+    with the explainer's own finding for the same pair of requests, as the log goes (``add``).
 
-    ``entry_of(request)``: the table entry of the provider that answered it (``origin``), so the
-    explainer's finding has that provider's token offsets; without one it is piece by piece.
+    ``baseline(response_id)``: the earlier request whose response has that id; ``earlier(line)``:
+    an earlier request of the same session (the analysis' reference). Either returns None when
+    the request is not at hand (not in the log, or its session closed).
     """
-    from harness.explain.provider_view import first_change
 
-    by_id: dict[str, ChatRequest] = {}
-    by_line = {r.line: r for r in requests}
-    out: list[Diagnosis] = []
-    for request, explained in zip(requests, explanations, strict=True):
+    def __init__(
+        self,
+        table: PriceTable | None,
+        baseline: Callable[[str], ChatRequest | None],
+        earlier: Callable[[str | None, int], ChatRequest | None],
+    ) -> None:
+        self.table = table
+        self.baseline = baseline
+        self.earlier = earlier
+
+    def add(
+        self, request: ChatRequest, explained: RequestExplanation, key: str | None = None
+    ) -> Diagnosis | None:
+        """``key``: the table entry of the provider that answered (``origin``), so the explainer's
+        finding has that provider's token offsets; without one it is piece by piece."""
+        from harness.explain.provider_view import first_change
+
         logged = request.response.diagnostics if request.response is not None else None
         asked, wanted = baseline_id(request.body)
         if logged is not None and logged.outcome is not None:
@@ -273,32 +282,49 @@ def compare_diagnostics(
             # Anthropic documents a null diagnostics, for a request that asked, as "nothing diverged".
             provider, outcome, theirs = ANTHROPIC, "none_reported", NOTHING
         else:
-            provider = None
-        if provider is not None:
-            named = by_id.get(wanted) if wanted is not None else None
-            baseline = named
-            if baseline is None and explained.reference_line is not None:
-                baseline = by_line.get(explained.reference_line)  # the named one is not in the log
-            change, ours = None, None
-            if baseline is not None:
-                key = entry_of(request) if entry_of is not None else None
-                change = first_change(baseline, request, table.entry(key) if key and table else None)
-                ours = explainer_part(baseline, request, change)
-            out.append(
-                Diagnosis(
-                    line=request.line,
-                    provider=provider,
-                    outcome=outcome,
-                    reason=logged.reason if logged is not None else None,
-                    missed_tokens=logged.missed_tokens if logged is not None else None,
-                    baseline_id=wanted,
-                    baseline_line=named.line if named is not None else None,
-                    compared_with=baseline.line if baseline is not None else None,
-                    provider_part=theirs,
-                    explainer_part=ours,
-                    change=change,
-                )
-            )
+            return None
+        named = self.baseline(wanted) if wanted is not None else None
+        baseline = named
+        if baseline is None and explained.reference_line is not None:
+            # The named one is not in the log: the request the analysis compares it with.
+            baseline = self.earlier(request.session_id, explained.reference_line)
+        change, ours = None, None
+        if baseline is not None:
+            entry = self.table.entry(key) if key and self.table else None
+            change = first_change(baseline, request, entry)
+            ours = explainer_part(baseline, request, change)
+        return Diagnosis(
+            line=request.line,
+            provider=provider,
+            outcome=outcome,
+            reason=logged.reason if logged is not None else None,
+            missed_tokens=logged.missed_tokens if logged is not None else None,
+            baseline_id=wanted,
+            baseline_line=named.line if named is not None else None,
+            compared_with=baseline.line if baseline is not None else None,
+            provider_part=theirs,
+            explainer_part=ours,
+            change=change,
+        )
+
+
+def compare_diagnostics(
+    requests: Sequence[ChatRequest],
+    explanations: Sequence[RequestExplanation],
+    table: PriceTable | None = None,
+    entry_of: Callable[[ChatRequest], str | None] | None = None,
+) -> list[Diagnosis]:
+    """``Diagnoser`` over a whole log held in memory. ``entry_of(request)``: the table entry of the
+    provider that answered it (``origin``)."""
+    by_id: dict[str, ChatRequest] = {}
+    by_line = {r.line: r for r in requests}
+    diagnoser = Diagnoser(table, by_id.get, lambda _session, line: by_line.get(line))
+    out: list[Diagnosis] = []
+    for request, explained in zip(requests, explanations, strict=True):
+        found = diagnoser.add(request, explained, entry_of(request) if entry_of is not None else None)
+        if found is not None:
+            out.append(found)
+        logged = request.response.diagnostics if request.response is not None else None
         if logged is not None and logged.response_id is not None:
             by_id[logged.response_id] = request
     return out

@@ -20,14 +20,14 @@ Columns of the table:
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness import outputs
-from harness.explain import diagnostics as provider_diagnostics
-from harness.explain.analyze import SHARED, RequestExplanation
+from harness.errors import UserError
+from harness.explain.analyze import SHARED, CacheUse, RequestExplanation
 from harness.explain.costs import LOCAL, UNKNOWN, LogCost, Loss
 from harness.explain.diagnostics import Diagnosis
 from harness.explain.formats import ChatRequest, SkippedLine
@@ -35,11 +35,10 @@ from harness.explain.origin import Origin
 from harness.explain.provider_view import PieceChange
 from harness.explain.reconcile import LOCAL as LOCAL_RENDERING
 from harness.explain.reconcile import PROVIDER_TOLERANCE
+from harness.explain.run import TOOL_NAME, Finished, RequestResult, Totals, ending, header
 from harness.explain.spans import Suggestion, VolatileSpan
 from harness.explain.verify import VerifiedRequest
 
-TOOL_NAME = "harness.explain"
-SCHEMA_VERSION = 2
 SCOPE_MEANING = {
     SHARED: "one cache for all sessions (one vLLM server, no cache_salt)",
     "session": "a cache per session (cache_salt per session, or session-affine routing)",
@@ -57,33 +56,21 @@ def disagreements(
     ]
 
 
+def totals_of(
+    explanations: Sequence[RequestExplanation],
+    diagnoses: Sequence[Diagnosis] = (),
+    verified: Sequence[VerifiedRequest] | None = None,
+) -> Totals:
+    by_line = {d.line: d for d in diagnoses}
+    checks = list(verified) if verified is not None else [None] * len(explanations)
+    totals = Totals()
+    for e, check in zip(explanations, checks, strict=True):
+        totals.add(e, by_line.get(e.line), check)
+    return totals
+
+
 def summary(explanations: Sequence[RequestExplanation]) -> dict[str, Any]:
-    prompt = sum(e.prompt_tokens for e in explanations)
-    cached = sum(e.predicted_cached_tokens for e in explanations)
-    reconciled = [e.reconciliation for e in explanations if e.reconciliation is not None]
-    lost_by_hint: dict[str, int] = {}  # what the breaks cost, by what broke them
-    for e in explanations:
-        if e.cause is not None:
-            lost_by_hint[e.cause] = lost_by_hint.get(e.cause, 0) + e.lost_tokens
-    out: dict[str, Any] = {
-        "requests": len(explanations),
-        "prompt_tokens": prompt,
-        "predicted_cached_tokens": cached,
-        "hit_rate": round(cached / prompt, 4) if prompt else 0.0,
-        "breaks": sum(e.is_break for e in explanations),
-        "lost_tokens": sum(e.lost_tokens for e in explanations),
-        "lost_by_hint": lost_by_hint,
-        "reply_tokens": sum(e.reply_tokens for e in explanations),
-    }
-    if reconciled:
-        out["reported"] = {
-            "requests": len(reconciled),
-            "agree": sum(r.agrees for r in reconciled),
-            "reported_cached_tokens": sum(r.reported_cached_tokens for r in reconciled),
-            "causes": dict(Counter(r.cause for r in reconciled if r.cause is not None)),
-            "reconciled_with": dict(Counter(r.reconciled_with for r in reconciled)),
-        }
-    return out
+    return totals_of(explanations).to_json()
 
 
 def report_json(
@@ -103,49 +90,21 @@ def report_json(
     diagnoses: Sequence[Diagnosis] = (),
     origins: Sequence[Origin | None] = (),
 ) -> dict[str, Any]:
-    """The ``--json`` document. ``tool`` marks it as ours (``--json`` overwrites only those)."""
-    rows = [e.to_json() for e in explanations]
-    for i, (row, e) in enumerate(zip(rows, explanations, strict=True)):
-        if costs:
-            row["providers"] = {c.provider_model: c.priced[i].to_json(e) for c in costs}
-    for row, request in zip(rows, requests, strict=False):
-        row["format"] = request.format
-    by_line = {row["line"]: row for row in rows}
-    for diagnosis in diagnoses:
-        by_line[diagnosis.line]["provider_diagnosis"] = diagnosis.to_json()
-    for row, origin in zip(rows, origins, strict=False):
-        if origin is not None:
-            row["answered_by"] = {
-                "provider_model": origin.provider_model,
-                "provider": origin.provider,
-                "model": origin.model,
-                "host": origin.host,
-                "evidence": origin.evidence,
-            }
-    if verified is not None:
-        for row, check in zip(rows, verified, strict=True):
-            row["engine_cached_tokens"] = check.engine_cached_tokens
-            row["engine_prompt_tokens"] = check.prompt_tokens
-            row["engine_matches"] = check.matches
-    totals = summary(explanations)
-    if diagnoses:
-        totals["provider_diagnostics"] = provider_diagnostics.summary(diagnoses)
-    return {
-        "tool": TOOL_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "source": str(source),
-        "model": model,
-        "chat_template": chat_template,
-        "block_size": block_size,
-        "scope": scope,
-        "verified": verified is not None,
-        "requests": rows,
-        "skipped": [{"line": s.line, "error": s.error} for s in skipped],
-        "summary": totals,
-        "cost": {c.provider_model: c.to_json() for c in costs},
-        "volatile_spans": [span.to_json() for span in spans],
-        "suggestion": suggestion.to_json() if suggestion is not None else None,
-    }
+    """The ``--json`` document of a log held in memory (``run.JsonOutput`` streams the same one).
+    ``tool`` marks it as ours (``--json`` overwrites only those)."""
+    by_line = {d.line: d for d in diagnoses}
+    checks = list(verified) if verified is not None else [None] * len(explanations)
+    found = list(origins) or [None] * len(explanations)
+    rows = []
+    for i, (request, e) in enumerate(zip(requests, explanations, strict=True)):
+        priced = {c.provider_model: c.priced[i] for c in costs}
+        result = RequestResult(request, e, priced, found[i], by_line.get(e.line), checks[i])
+        rows.append(result.row())
+    totals = totals_of(explanations, diagnoses, verified)
+    finished = Finished(totals, list(costs), list(spans), [])
+    head = header(source, model, chat_template, block_size, scope, verified is not None)
+    end = ending(skipped, finished, suggestion.to_json() if suggestion is not None else None)
+    return {**head, "requests": rows, **end}
 
 
 def is_explain_result(document: Any) -> bool:
@@ -155,6 +114,30 @@ def is_explain_result(document: Any) -> bool:
 def check_json_target(path: Path) -> None:
     """Refuse an unwritable path, or to overwrite anything but an earlier result of this tool."""
     outputs.check_json_target("--json", path, is_explain_result, f"a {TOOL_NAME} result")
+
+
+def is_jsonl_result(first_line: bytes) -> bool:
+    try:
+        record = json.loads(first_line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("record") == "header" and is_explain_result(record)
+
+
+def check_jsonl_target(path: Path) -> None:
+    """The same for ``--jsonl``: an existing file is replaced only when its header line is ours."""
+    target = outputs.writable_target("--jsonl", path)
+    if target.exists() and target.stat().st_size:
+        try:
+            with target.open("rb") as handle:
+                ours = is_jsonl_result(handle.readline())
+        except OSError:
+            ours = False
+        if not ours:
+            raise UserError(
+                f"--jsonl {path} exists and is not a {TOOL_NAME} result: refusing to overwrite it (remove it "
+                "or choose another name)"
+            )
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -197,16 +180,22 @@ def print_report(
     costs: Sequence[LogCost] = (),
     spans: Sequence[VolatileSpan] = (),
     diagnoses: Sequence[Diagnosis] = (),
-    origins: Sequence[Origin | None] = (),
+    origins: Sequence[tuple[int, Origin]] = (),
+    totals: Totals | None = None,
+    beyond: int = 0,
 ) -> None:
     """A table with one row per request, then a short detail block per break (on the local
     rendering, then on each ``--provider``'s own reading of the bodies), reported usage, the
-    providers' own diagnoses, volatile spans, costs."""
+    providers' own diagnoses, volatile spans, costs.
+
+    ``explanations``: the requests shown (a long log's first ones: ``run.Held``); ``totals``:
+    the whole log's (default: of the requests shown); ``beyond``: how many more there were."""
     from rich.table import Table
     from rich.text import Text
 
     console = console or _console()
-    reported = any(e.reconciliation is not None for e in explanations)
+    totals = totals if totals is not None else totals_of(explanations, diagnoses, verified)
+    reported = totals.reported > 0
     title = f"prefix-cache explanation: {model}, block size {block_size}, scope {scope}"
     table = Table(title=title, title_justify="left")
     for name, justify in (
@@ -259,6 +248,14 @@ def print_report(
         ]
         table.add_row(*cells)
     console.print(table)
+    if beyond:
+        console.print(
+            Text(
+                f"rows and details of the first {len(explanations):,} of {len(explanations) + beyond:,} "
+                "requests; the totals below are the whole log's, and --json / --jsonl have every request",
+                style="dim",
+            )
+        )
     console.print(Text(f"scope {scope}: {SCOPE_MEANING.get(scope, scope)} (--scope to change)", style="dim"))
 
     for e in explanations:
@@ -311,7 +308,7 @@ def print_report(
                 )
             )
     if reported:
-        s = summary(explanations)["reported"]
+        s = totals.reported_json()
         style = "green" if s["agree"] == s["requests"] else "yellow"
         held = {k: n for k, n in s["reconciled_with"].items() if k != LOCAL_RENDERING}
         by_provider = "".join(
@@ -325,9 +322,9 @@ def print_report(
                 style=style,
             )
         )
-    print_diagnoses(diagnoses, console)
-    if any(e.longer_than_context for e in explanations):
-        long = [e.line for e in explanations if e.longer_than_context]
+    print_diagnoses(diagnoses, totals, console)
+    if totals.longer_than_context:
+        long = totals.longer_than_context
         console.print(
             Text(
                 f"lines {long}: longer than the model's context: a vLLM server with this "
@@ -342,14 +339,13 @@ def print_report(
         for c in costs:
             if c.assumption:
                 console.print(Text(f"{c.provider_model}: {c.assumption}", style="dim"))
-    if verified is not None:
-        bad = disagreements(explanations, verified)
+    if totals.verified:
+        bad = totals.engine_disagrees
         if bad:
             console.print(Text(f"the engine disagrees with the prediction on lines {bad}", style="bold red"))
         else:
-            console.print(
-                Text(f"the engine agrees with the prediction on all {len(verified)} requests", style="green")
-            )
+            agree = f"the engine agrees with the prediction on all {totals.verified} requests"
+            console.print(Text(agree, style="green"))
 
 
 def _usd(value: float | None) -> str:
@@ -393,6 +389,8 @@ def print_provider_breaks(
     groups: dict[tuple[int, str, str], list[tuple[LogCost, Loss, PieceChange]]] = {}
     for c in costs:
         for loss in c.losses:
+            if loss.line not in by_line:
+                continue  # a request the console does not show (a long log's later ones)
             if loss.change is not None and not loss.same_as_local:
                 key = (loss.line, loss.cause, loss.change.headline())
                 groups.setdefault(key, []).append((c, loss, loss.change))
@@ -438,6 +436,8 @@ def print_provider_breaks(
             console.print(Text(f"  hint   : {change.hint.describe()}", style="yellow"))
     for c in costs:
         for loss in c.losses:
+            if loss.line not in by_line:
+                continue
             if loss.cause == UNKNOWN:
                 console.print(
                     Text(
@@ -458,13 +458,13 @@ def print_provider_breaks(
                 )
 
 
-def print_origins(origins: Sequence[Origin | None], console: Any) -> None:
+def print_origins(origins: Sequence[tuple[int, Origin]], console: Any) -> None:
     """Which requests a hosted API answered, and what their reported usage is held to."""
     from rich.text import Text
 
     answered: dict[tuple[str | None, str], list[int]] = {}
-    for line, origin in enumerate(origins, 1):
-        if origin is not None and origin.provider is not None:
+    for line, origin in origins:
+        if origin.provider is not None:
             answered.setdefault((origin.provider_model, origin.evidence), []).append(line)
     for (key, evidence), lines in answered.items():
         if key is None:
@@ -488,7 +488,7 @@ def _lines(lines: Sequence[int]) -> str:
     return f"requests {lines[0]}-{lines[-1]}" if run else f"requests {list(lines)}"
 
 
-def print_diagnoses(diagnoses: Sequence[Diagnosis], console: Any) -> None:
+def print_diagnoses(diagnoses: Sequence[Diagnosis], totals: Totals, console: Any) -> None:
     """The providers' own reasons for a miss next to the explainer's, and how often they agree."""
     from rich.text import Text
 
@@ -524,14 +524,14 @@ def print_diagnoses(diagnoses: Sequence[Diagnosis], console: Any) -> None:
                 style="yellow" if d.agrees is False else "",
             )
         )
-    totals = provider_diagnostics.summary(diagnoses)
-    disagree = f"; they disagree on lines {totals['disagree_lines']}" if totals["disagree_lines"] else ""
+    bad = totals.diagnoses_disagree
+    disagree = f"; they disagree on lines {bad}" if bad else ""
     console.print(
         Text(
-            f"the providers' own diagnoses ({totals['requests']} requests) agree with the explainer on the "
-            f"part that changed (model, system, tools, messages) on {totals['agree']} of "
-            f"{totals['compared']} compared{disagree}",
-            style="green" if not totals["disagree_lines"] else "yellow",
+            f"the providers' own diagnoses ({totals.diagnoses} requests) agree with the explainer on the "
+            f"part that changed (model, system, tools, messages) on {totals.diagnoses_agree} of "
+            f"{totals.diagnoses_compared} compared{disagree}",
+            style="green" if not bad else "yellow",
         )
     )
 
@@ -604,6 +604,27 @@ def spans_table(spans: Sequence[VolatileSpan], top: int = 5) -> Any:
     if len(spans) > top:
         table.caption = f"{len(spans) - top} more in --json (volatile_spans)"
     return table
+
+
+def print_cache_use(use: CacheUse, always: bool = False, console: Any = None) -> None:
+    """What the cache models held, when it matters: evictions (``--cache-tokens``), sessions closed
+    (``--session-window``), or always (``--profile``): the KV an engine needs for this log."""
+    from rich.text import Text
+
+    if not (always or use.evicted_blocks or use.sessions_closed):
+        return
+    console = console or _console()
+    peak = use.peak_blocks * use.block_size
+    held = f"the {use.scope} cache held at most {peak:,} tokens ({use.peak_blocks:,} blocks)"
+    if use.capacity_blocks is not None:
+        held += f" of the {use.capacity_blocks * use.block_size:,} --cache-tokens allows"
+        held += f"; {use.evicted_blocks * use.block_size:,} tokens evicted"
+    closed = ""
+    if use.sessions_closed:
+        closed = f"; {use.sessions_closed:,} sessions closed idle (--session-window)"
+        if use.sessions_reopened:
+            closed += f", {use.sessions_reopened:,} of them came back and were explained as new sessions"
+    console.print(Text(held + closed, style="dim"))
 
 
 def print_suggestion(s: Suggestion, console: Any = None) -> None:

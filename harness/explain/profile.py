@@ -77,6 +77,8 @@ class Profile:
         return rows
 
     def to_json(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
         return {name: round(seconds, 3) for name, seconds in self.rows()}
 
 

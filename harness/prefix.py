@@ -86,33 +86,42 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 
 class BlockChain:
     """A token sequence cut into blocks the way vLLM hashes it: the tokens as bytes and, per full
-    block, a key chained to every block before it. Built once per request and shared by every
-    cache that looks it up; built from an earlier chain, it hashes only the blocks after the
-    prefix the two share (an agent's request repeats its previous one and adds a little)."""
+    block, its bytes and a key chained to every block before it. Built once per request and
+    shared by every cache that looks it up; built from an earlier chain, it hashes only the blocks
+    after the prefix the two share (an agent's request repeats its previous one and adds a little)."""
 
-    __slots__ = ("block_size", "data", "keys", "length")
+    __slots__ = ("block_size", "blocks", "data", "keys", "length")
 
     def __init__(self, tokens: Sequence[int], block_size: int, previous: BlockChain | None = None) -> None:
         self.block_size = block_size
         self.data = token_bytes(tokens)
         self.length = len(self.data) // TOKEN_BYTES
         size = block_size * TOKEN_BYTES
+        full = self.length // block_size
         keys: list[int] = []
+        blocks: list[bytes] = []
         if previous is not None and previous.block_size == block_size and previous.keys:
-            same = min(len(previous.keys), self.length // block_size)
+            same = min(len(previous.keys), full)
             if not self.data.startswith(memoryview(previous.data)[: same * size]):
                 same = shared_tokens(self.data, previous.data) // block_size
-            keys = previous.keys[:same]
+            keys, blocks = previous.keys[:same], previous.blocks[:same]
         parent = keys[-1] if keys else ROOT
-        for index in range(len(keys), self.length // block_size):
-            parent = hash((parent, self.data[index * size : (index + 1) * size]))
+        data = self.data
+        for index in range(len(keys), full):
+            block = data[index * size : (index + 1) * size]
+            parent = hash((parent, block))
             keys.append(parent)
+            blocks.append(block)
         self.keys = keys
+        self.blocks = blocks
 
     def __len__(self) -> int:
         return self.length
 
     def block(self, index: int) -> bytes:
+        """Full block ``index``, or the partial block after the last full one."""
+        if index < len(self.blocks):
+            return self.blocks[index]
         size = self.block_size * TOKEN_BYTES
         return self.data[index * size : (index + 1) * size]
 
@@ -207,10 +216,10 @@ class PrefixCacheModel:
     def _walk(self, chain: BlockChain, full: int) -> tuple[_Node, int]:
         """The deepest cached node along ``chain``'s first ``full`` blocks, and its depth."""
         node, blocks = self._nodes[ROOT], 0
-        nodes, keys = self._nodes, chain.keys
+        nodes, keys, data = self._nodes, chain.keys, chain.blocks
         while blocks < full:
             child = nodes.get(keys[blocks])
-            if child is None or child.block != chain.block(blocks):  # (a hash collision: never seen)
+            if child is None or child.block != data[blocks]:  # (a hash collision: never seen)
                 break
             node, blocks = child, blocks + 1
         return node, blocks
@@ -251,8 +260,7 @@ class PrefixCacheModel:
         nodes = self._nodes
         parent_key, node = ROOT, nodes[ROOT]
         node.latest = seq
-        for index, key in enumerate(chain.keys):
-            block = chain.block(index)
+        for key, block in zip(chain.keys, chain.blocks, strict=True):
             node.nexts[block] = seq
             child = nodes.get(key)
             if child is None or child.block != block:

@@ -312,3 +312,20 @@ def test_bad_scale_flags_fail_first(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "name the same file" in done.stderr and not same.exists()
+
+
+def test_a_session_that_salts_some_requests_keeps_its_caches_apart(chat_renderer: ChatRenderer) -> None:
+    """Unbounded, a session's unsalted cache is its history (one model); a salted request in it
+    splits them again. Explained as with separate caches (a bounded cache never shares)."""
+    base = lesson_logs()["lesson1"]
+    bodies = [r.body for r in base if r.session_id == "lesson1-right"]
+    log = []
+    for i, body in enumerate(bodies):
+        salted = {**body, "cache_salt": "tenant-a"} if i in (2, 3) else body
+        log.append(ChatRequest(i + 1, salted, "openai", "s"))
+    for scope in ("session", "shared"):
+        shared = [e.to_json() for e in explain_requests(log, chat_renderer, 32, scope=scope)]
+        apart = LogExplainer(chat_renderer, 32, scope=scope, cache_tokens=10**12)
+        assert [apart.explain(r).to_json() for r in log] == shared, scope
+    cached = [e.predicted_cached_tokens for e in explain_requests(log, chat_renderer, 32, scope="session")]
+    assert cached[2] == 0 and cached[3] > 0 and cached[4] > 0  # the first salted one starts cold

@@ -176,6 +176,7 @@ class _Session:
     # sequence -> (conversation, tools) as the template saw them: what the hints compare.
     shapes: list[tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]] = field(default_factory=list)
     prompt_lengths: array[int] = field(default_factory=lambda: array("q"))  # sequence -> its prompt's tokens
+    salts: list[str | None] = field(default_factory=list)  # sequence -> its request's cache_salt
     requests: dict[int, ChatRequest] = field(default_factory=dict)  # line -> the request (kept_requests)
     chain: BlockChain | None = None  # the latest request's blocks: the next one hashes only what is new
     last_seen: float = 0.0  # when it was last used (the log's timestamp, else the request's number)
@@ -327,6 +328,16 @@ class LogExplainer:
             self.sessions_reopened,
         )
 
+    def _unsalted_cache(self, session: _Session) -> _Cache:
+        """The session's unsalted requests in a cache of their own, once a salted one joins its
+        history: the history's unsalted sequences recorded again."""
+        cache = self._new_cache()
+        for seq, salt in enumerate(session.salts):
+            if salt is None:
+                cache.model.record(session.cache.model.sequence(seq))
+                cache.owners.append(session.cache.owners[seq])
+        return cache
+
     def request_at(self, session_id: str | None, line: int) -> ChatRequest | None:
         """An earlier request of an open session (``keep_requests``): a reference, a baseline."""
         session = self._sessions.get(session_id)
@@ -354,10 +365,6 @@ class LogExplainer:
                 SHARED: (None, rendered.cache_salt),
                 SESSION: (request.session_id, rendered.cache_salt),
             }
-            cache, other = (
-                self._caches[name].setdefault(keys[name], self._new_cache())
-                for name in (scope, self.other_scope)
-            )
             session = self._sessions.get(request.session_id)
             if session is None:
                 if request.session_id in self._closed:
@@ -366,12 +373,23 @@ class LogExplainer:
                 # A session's own history is not an engine's cache: never evicted, only closed.
                 history = _Cache(PrefixCacheModel(block_size, keep_sequences=True))
                 session = self._sessions[request.session_id] = _Session(history)
+                if self.capacity_blocks is None and rendered.cache_salt is None:
+                    # Unbounded, the session's unsalted cache holds exactly its history (until a
+                    # salted request comes: ``_unsalted_cache``): one model, not two.
+                    self._caches[SESSION].setdefault((request.session_id, None), history)
             session.last_seen = now
             self._sessions.move_to_end(request.session_id)  # most recently used last
+            unsalted = keys[SESSION][:1] + (None,)
+            if rendered.cache_salt is not None and self._caches[SESSION].get(unsalted) is session.cache:
+                self._caches[SESSION][unsalted] = self._unsalted_cache(session)
+            cache, other = (
+                self._caches[name].setdefault(keys[name], self._new_cache())
+                for name in (scope, self.other_scope)
+            )
             chain = BlockChain(prompt, block_size, previous=session.chain)
             hit = cache.model.predict(chain)
             cached_from = cache.owners[hit.source] if hit.source is not None and hit.cached_tokens else None
-            own = session.cache.model.predict(chain)
+            own = hit if cache is session.cache else session.cache.model.predict(chain)
             ref = own.source if len(session.cache.owners) else None
             reference_len = session.cache.model.sequence_length(ref) if ref is not None else None
             index = own.common_prefix
@@ -429,14 +447,18 @@ class LogExplainer:
                     predicted=hit.cached_tokens,
                     common_prefix=hit.common_prefix,
                     block_size=block_size,
-                    other_scope=(self.other_scope, other.model.predict(chain).cached_tokens),
+                    other_scope=(
+                        self.other_scope,
+                        (own if other is session.cache else other.model.predict(chain)).cached_tokens,
+                    ),
                 )
-            for holder in (cache, other, session.cache):
+            for holder in {id(h): h for h in (cache, other, session.cache)}.values():
                 holder.record(request.line, chain, reply)
             session.chain = chain
         with stage("hints and spans"):
             session.shapes.append(session.shape(rendered))
             session.prompt_lengths.append(len(prompt))
+            session.salts.append(rendered.cache_salt)
             if self.keep_requests:
                 owners = session.cache.owners  # this request's line is the last
                 latest = session.requests.get(owners[-2]) if len(owners) > 1 else None

@@ -130,12 +130,13 @@ class ChatRenderer:
         )
         # Keep what vLLM hands to the chat template for the request being rendered: the
         # template is then rendered again with exactly those arguments (prefixes, replies).
-        original = renderer._apply_chat_template_async
         self._template_call: tuple[list[dict[str, Any]], dict[str, Any]] = ([], {})
 
         async def recording(model_config: Any, tokenizer: Any, conversation: Any, **kwargs: Any) -> Any:
             self._template_call = (list(conversation), dict(kwargs))
-            return await original(model_config, tokenizer, conversation, **kwargs)
+            # The function vLLM's executor would run, run here: one request at a time, a thread
+            # hop per request would only add a wait.
+            return safe_apply_chat_template(model_config, tokenizer, conversation, **kwargs)
 
         renderer._apply_chat_template_async = recording
         # Tokenize only the pieces of the prompt not seen lately (harness.explain.pieces): the

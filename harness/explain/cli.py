@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.api_key import API_KEY_FLAG, add_api_key_arg, api_key_from
 from harness.errors import UserError
 from harness.explain.analyze import (
     DEFAULT_CONTEXT_TOKENS,
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay the log on your running vLLM server instead (started with --enable-prefix-caching "
         "--enable-prompt-tokens-details); it renders the bodies itself",
     )
+    add_api_key_arg(parser, "the --endpoint server")
     return parser
 
 
@@ -175,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chat-template {args.chat_template}: no such file")
     if args.json is not None:
         check_json_target(args.json)  # fail before the work, not after it
+    if args.api_key is not None and not args.endpoint:
+        raise UserError(f"{API_KEY_FLAG} goes with --endpoint: the embedded engine takes no key")
+    api_key = api_key_from(args.api_key)
     providers = expand(args.provider)
     table = None
     if providers or args.prices is not None:
@@ -199,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         from harness.backend import ServerBackend
 
         with err.status(f"connecting to {args.endpoint} ..."):
-            server = ServerBackend(args.endpoint, None, args.block_size)
+            server = ServerBackend(args.endpoint, None, args.block_size, api_key)
         if args.block_size is not None and args.block_size != server.block_size:
             warn(f"the server uses block size {server.block_size}, not {args.block_size}")
         block_size = server.block_size
@@ -236,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             )
         backend = None
         if server is not None:
-            replay: object = ServerReplay(server.base, server.model, server.block_size)
+            replay: object = ServerReplay(server.base, server.model, server.block_size, server.api_key)
         else:
             from harness.backend import OfflineBackend
 

@@ -171,3 +171,18 @@ def test_vllm_router_in_front_of_a_keyed_server_forwards_the_clients_key(server:
         assert asyncio.run(chat(url, server.credentials)) > 0
         with pytest.raises(UserError, match=f"^{url} refused the API key from VLLM_API_KEY \\(401"):
             asyncio.run(chat(url, ApiKey(WRONG_KEY, "VLLM_API_KEY")))
+
+
+def test_recording_a_log_from_a_keyed_server(server: ServerProcess, tmp_path: Path) -> None:
+    """examples/record_agent_log.py, the README's way to record a log, with the key in
+    VLLM_API_KEY; without it, one line and no log file."""
+    log = tmp_path / "log.jsonl"
+    command = ("examples/record_agent_log.py", "--endpoint", server.url, "--out", str(log), "--turns", "2")
+    refused = run_script(*command)
+    assert_one_line_error(refused, f"error: {server.url} asks for an API key (401 Unauthorized)")
+    assert not log.exists()
+    proc = run_script(*command, env=key_env(server))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(log.read_text().splitlines()) == 2 + 4  # the OpenAI session's turns, then Anthropic's 4
+    assert server.api_key.encode() not in log.read_bytes()
+    assert server.api_key not in proc.stdout + proc.stderr

@@ -42,12 +42,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from harness.errors import UserError
+from harness.explain.diagnostics import ProviderDiagnostics, read_diagnostics
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -90,6 +93,9 @@ class LoggedResponse:
     finish_reason: str | None  # "stop", "length", "tool_calls"; Anthropic stop_reason mapped
     token_ids: list[int] | None  # the generated token IDs, when the server returned them
     usage: LoggedUsage | None
+    # Its id, model and URL, and the provider's own cache-miss diagnosis when it has one
+    # (harness/explain/diagnostics.py): filled by parse_record from the raw response, any format.
+    diagnostics: ProviderDiagnostics | None = None
 
 
 @dataclass(frozen=True)
@@ -320,12 +326,17 @@ def parse_response(response: Any, fmt: str) -> LoggedResponse | None:
     return None
 
 
-def parse_record(text: str, line: int, session_field: str = "session_id") -> ChatRequest:
+def parse_record(text: str | bytes, line: int, session_field: str = "session_id") -> ChatRequest:
     """Parse one JSONL line; raise ``UserError`` naming the line when it is not a chat request."""
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _bad(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:  # the standard library's message says where, in words people know
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _bad(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except UnicodeDecodeError:
+            raise _bad(line, "not UTF-8 text") from None
     if not isinstance(record, dict):
         raise _bad(line, f"expected a JSON object, got {type(record).__name__}")
     body, response, url = unwrap(record)
@@ -347,13 +358,16 @@ def parse_record(text: str, line: int, session_field: str = "session_id") -> Cha
     check_body(body, fmt, line)
     if isinstance(record.get("error"), dict) and record.get("response") is None:
         response = None
+    parsed = parse_response(response, fmt)
+    if parsed is not None:
+        parsed = replace(parsed, diagnostics=read_diagnostics(response, url))
     return ChatRequest(
         line,
         body,
         fmt,
         _session(record, body, session_field, line),
         _timestamp(record),
-        parse_response(response, fmt),
+        parsed,
     )
 
 
@@ -372,30 +386,38 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def iter_requests(
+    path: Path,
+    skip_bad: bool = False,
+    warn: Callable[[str], None] | None = None,
+    session_field: str = "session_id",
+) -> Iterator[ChatRequest | SkippedLine]:
+    """The chat requests of a JSONL file, in order, one at a time (the file is never held whole).
+    Blank lines are ignored.
+
+    A malformed line raises ``UserError`` and nothing after it is read, unless ``skip_bad``:
+    then it is reported through ``warn`` and yielded as a ``SkippedLine``.
+    """
+    for number, raw in iter_lines(path):
+        try:
+            yield parse_record(raw, number, session_field)
+        except UserError as exc:
+            if not skip_bad:
+                raise UserError(f"{path}: {exc}", exc.exit_code) from None
+            if warn is not None:
+                warn(f"{path}: {exc} (skipped)")
+            yield SkippedLine(number, str(exc))
+
+
 def read_requests(
     path: Path,
     skip_bad: bool = False,
     warn: Callable[[str], None] | None = None,
     session_field: str = "session_id",
 ) -> tuple[list[ChatRequest], list[SkippedLine]]:
-    """Read a JSONL file of chat requests, in order. Blank lines are ignored.
-
-    A malformed line raises ``UserError`` and nothing after it is read, unless ``skip_bad``:
-    then it is reported through ``warn`` and skipped.
-    """
+    """Read a JSONL file of chat requests, in order (``iter_requests``, kept in a list)."""
     requests: list[ChatRequest] = []
     skipped: list[SkippedLine] = []
-    for number, raw in iter_lines(path):
-        try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _bad(number, "not UTF-8 text") from None
-            requests.append(parse_record(text, number, session_field))
-        except UserError as exc:
-            if not skip_bad:
-                raise UserError(f"{path}: {exc}", exc.exit_code) from None
-            skipped.append(SkippedLine(number, str(exc)))
-            if warn is not None:
-                warn(f"{path}: {exc} (skipped)")
+    for item in iter_requests(path, skip_bad, warn, session_field):
+        (skipped if isinstance(item, SkippedLine) else requests).append(item)  # type: ignore[arg-type]
     return requests, skipped

@@ -68,6 +68,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.api_key import API_KEY_FLAG, NO_API_KEY, ApiKey, api_key_from
 from harness.backend import Backend, Message
 from harness.cli import engine_options, exit_with, lesson_main
 from harness.console import console
@@ -224,7 +225,7 @@ def run(backend: Backend | None, args: argparse.Namespace) -> ExampleResult:
 def open_fleet(settings: Settings, args: argparse.Namespace) -> Iterator[Fleet]:
     """The workers: the servers named by --endpoints, or local ones started (and stopped) here."""
     if settings.endpoints:
-        with remote_fleet(settings.endpoints) as fleet:
+        with remote_fleet(settings.endpoints, settings.api_key) as fleet:
             yield fleet
         return
     opts, name = engine_options(args), resolve_model(args.model).display_name
@@ -234,7 +235,7 @@ def open_fleet(settings: Settings, args: argparse.Namespace) -> Iterator[Fleet]:
 
 async def run_lesson(fleet: Fleet, settings: Settings) -> RoutingResult:
     """Tokenize the sessions, simulate them on more workers, then run every plan for real."""
-    clients = {w.name: AsyncWorkerClient(w.url, fleet.model) for w in fleet.workers}
+    clients = {w.name: AsyncWorkerClient(w.url, fleet.model, api_key=fleet.api_key) for w in fleet.workers}
     try:
         with console.status("tokenizing the sessions and warming up the workers ..."):
             workload = await build_workload(settings, clients[fleet.names[0]])
@@ -442,6 +443,7 @@ class Settings:
     scale_workers: tuple[int, ...]
     scale_cache_tokens: int  # each simulated worker's KV cache; 0: unbounded
     scale_plot: Path | None
+    api_key: ApiKey = NO_API_KEY  # the --endpoints servers' key
 
     @property
     def requests(self) -> int:
@@ -513,6 +515,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         scale_workers=parse_worker_counts(args.scale_workers),
         scale_cache_tokens=int(args.scale_cache_tokens),
         scale_plot=plot,
+        api_key=api_key_from(args.api_key) if endpoints else NO_API_KEY,
     )
 
 
@@ -521,8 +524,10 @@ def check_args(args: argparse.Namespace) -> Settings:
     if args.endpoint:
         raise UserError("lesson 4 needs several workers: give them as --endpoints URL1,URL2")
     settings = settings_from(args)
+    if args.api_key is not None and not settings.endpoints:
+        raise UserError(f"{API_KEY_FLAG} goes with --endpoints: the workers this lesson starts take no key")
     for url in settings.endpoints or ():
-        probe_endpoint(url)
+        probe_endpoint(url, api_key=settings.api_key)
     return settings
 
 

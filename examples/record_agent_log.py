@@ -36,13 +36,14 @@ import argparse
 import json
 import secrets
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness.api_key import ApiKey, add_api_key_arg, api_key_from  # noqa: E402
+from harness.backend import http_json  # noqa: E402
 from harness.errors import UserError  # noqa: E402
 from harness.scenario import ROLE, RULES, TASK, TOOL_SCHEMAS, SimulatedClock, trace  # noqa: E402
 
@@ -55,12 +56,8 @@ def openai_tools(order: list[int] | None = None) -> list[dict[str, Any]]:
     return [{"type": "function", "function": dict(schema)} for schema in schemas]
 
 
-def post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=600) as resp:
-        return dict(json.loads(resp.read().decode()))
+def post(url: str, payload: dict[str, Any], api_key: ApiKey) -> dict[str, Any]:
+    return dict(http_json(url, payload, timeout=600, api_key=api_key))
 
 
 def record(
@@ -70,7 +67,9 @@ def record(
     out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
-def openai_session(base: str, model: str, salt: str, turns: int, out: Any, clock: SimulatedClock) -> None:
+def openai_session(
+    base: str, model: str, salt: str, turns: int, out: Any, clock: SimulatedClock, api_key: ApiKey
+) -> None:
     """OpenAI Chat Completions with tools; the tool list reordered from turn 4 on."""
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": SYSTEM},
@@ -89,7 +88,7 @@ def openai_session(base: str, model: str, salt: str, turns: int, out: Any, clock
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
         }
-        response = post(base + "/v1/chat/completions", {**body, "cache_salt": salt})
+        response = post(base + "/v1/chat/completions", {**body, "cache_salt": salt}, api_key)
         record(out, "atlas-openai", clock, body, response)
         reply = response["choices"][0]["message"].get("content") or ""
         call_id = f"call_{turn}"
@@ -113,7 +112,9 @@ def openai_session(base: str, model: str, salt: str, turns: int, out: Any, clock
         clock.advance(step.seconds)
 
 
-def anthropic_session(base: str, model: str, salt: str, turns: int, out: Any, clock: SimulatedClock) -> None:
+def anthropic_session(
+    base: str, model: str, salt: str, turns: int, out: Any, clock: SimulatedClock, api_key: ApiKey
+) -> None:
     """Anthropic Messages with system blocks and tools; a timestamped reminder on turn 3."""
     tools = [
         {"name": t["name"], "description": t["description"], "input_schema": t["parameters"]}
@@ -135,7 +136,7 @@ def anthropic_session(base: str, model: str, salt: str, turns: int, out: Any, cl
             "tool_choice": {"type": "none"},
             "messages": list(messages),
         }
-        response = post(base + "/v1/messages", {**body, "cache_salt": salt})
+        response = post(base + "/v1/messages", {**body, "cache_salt": salt}, api_key)
         record(out, "atlas-anthropic", clock, body, response)
         text = "".join(b.get("text", "") for b in response.get("content", []) if b.get("type") == "text")
         tool_id = f"toolu_{turn}"
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True, help="a vLLM server started with the tools template")
     parser.add_argument("--out", type=Path, required=True, help="the JSONL log to write (must not exist)")
     parser.add_argument("--turns", type=int, default=6, help="turns of the OpenAI session (default 6)")
+    add_api_key_arg(parser, "the --endpoint server")
     args = parser.parse_args(argv)
     try:
         if args.out.exists():
@@ -174,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out.parent.is_dir():
             raise UserError(f"folder {args.out.parent} does not exist")
         base = args.endpoint.rstrip("/").removesuffix("/v1")
+        api_key = api_key_from(args.api_key)
         try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=10) as resp:
-                model = json.loads(resp.read())["data"][0]["id"]
+            model = http_json(base + "/v1/models", timeout=10, api_key=api_key)["data"][0]["id"]
         except OSError as exc:
             raise UserError(f"cannot reach a vLLM server at {args.endpoint}: {exc}") from None
         # One fresh salt for the run: a cache nothing else on the server can reach, so the log
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         salt = f"record-{secrets.token_hex(6)}"
         with args.out.open("w", encoding="utf-8") as out:
             clock = SimulatedClock()  # the log's timestamps: reproducible, in the order sent
-            openai_session(base, model, salt, args.turns, out, clock)
-            anthropic_session(base, model, salt, 4, out, clock)
+            openai_session(base, model, salt, args.turns, out, clock, api_key)
+            anthropic_session(base, model, salt, 4, out, clock, api_key)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

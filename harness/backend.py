@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from harness.api_key import NO_API_KEY, REFUSED_STATUSES, ApiKey
 from harness.engine import EngineOptions, build_llm, vllm_version
 from harness.errors import UserError, first_line
 from harness.metrics import metric_label, parse_prometheus
@@ -273,14 +274,28 @@ class OfflineBackend:
         gc.collect()
 
 
-def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+def http_json(
+    url: str, payload: dict[str, Any] | None = None, timeout: float = 30.0, api_key: ApiKey = NO_API_KEY
+) -> Any:
+    """GET (or POST ``payload`` to) a server's JSON endpoint, with ``api_key`` as a Bearer token.
+
+    An HTTP error is one line naming the URL; a refused key names the server and where the key
+    came from (``ApiKey.refused``)."""
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **api_key.headers()}
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read().decode())
     except urllib.error.HTTPError as exc:
+        if exc.code in REFUSED_STATUSES:
+            raise api_key.refused(server_of(url), exc.code) from None
         raise UserError(f"{url} answered HTTP {exc.code}: {_server_message(exc)}") from exc
+
+
+def server_of(url: str) -> str:
+    """The server a request URL went to: ``http://h:8000/v1/models`` -> ``http://h:8000``."""
+    return url.split("/v1/", 1)[0] if "/v1/" in url else url.rsplit("/", 1)[0]
 
 
 def _server_message(exc: urllib.error.HTTPError) -> str:
@@ -321,12 +336,23 @@ class ServerBackend:
     """An OpenAI-compatible vLLM server, started with ``--enable-prefix-caching
     --enable-prompt-tokens-details``. Token IDs come from its ``/tokenize`` endpoint (its own
     chat template), cached tokens from ``usage.prompt_tokens_details``, TTFT from the first
-    streamed chunk."""
+    streamed chunk.
 
-    def __init__(self, endpoint: str, model: str | None = None, block_size: int | None = None) -> None:
+    ``api_key``: the server's key, sent with every request (``harness.api_key``). The first
+    request, ``/v1/models``, is where vLLM checks it: a missing or wrong key is one line there,
+    before anything else is sent."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str | None = None,
+        block_size: int | None = None,
+        api_key: ApiKey = NO_API_KEY,
+    ) -> None:
         self.base = endpoint.rstrip("/").removesuffix("/v1")
+        self.api_key = api_key
         try:
-            models = http_json(self.base + "/v1/models", timeout=10)
+            models = http_json(self.base + "/v1/models", timeout=10, api_key=api_key)
         except UserError:
             raise
         except Exception as exc:
@@ -347,30 +373,38 @@ class ServerBackend:
         if caching == "False":
             raise UserError(f"the server at {endpoint} runs without --enable-prefix-caching")
         try:
-            version = str(http_json(self.base + "/version", timeout=10).get("version", "unknown"))
+            about = http_json(self.base + "/version", timeout=10, api_key=api_key)
+            version = str(about.get("version", "unknown"))
         except Exception:
             version = "unknown"
         self.info = EngineInfo("vllm-server", self.model, "remote", self.block_size, version, self.base)
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=self.base + "/v1", api_key="EMPTY", timeout=600.0, max_retries=0)
+        self.client = OpenAI(
+            base_url=self.base + "/v1", api_key=api_key.client_key, timeout=600.0, max_retries=0
+        )
         self._salt = secrets.token_hex(8)
         self.generate([{"role": "user", "content": WARMUP_PROMPT}], max_tokens=4)
 
     def _metrics_text(self) -> str:
+        request = urllib.request.Request(self.base + "/metrics", headers=self.api_key.headers())
         try:
-            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=10) as resp:
                 return str(resp.read().decode())
+        except urllib.error.HTTPError as exc:
+            if exc.code in REFUSED_STATUSES:
+                raise self.api_key.refused(self.base, exc.code) from None
+            raise UserError(f"cannot read {self.base}/metrics: {exc}") from exc
         except Exception as exc:
             raise UserError(f"cannot read {self.base}/metrics: {exc}") from exc
 
     def render(self, messages: Sequence[Message]) -> list[int]:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
-        return [int(t) for t in http_json(self.base + "/tokenize", body)["tokens"]]
+        return [int(t) for t in http_json(self.base + "/tokenize", body, api_key=self.api_key)["tokens"]]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         body = {"model": self.model, "tokens": list(token_ids)}
-        return str(http_json(self.base + "/detokenize", body)["prompt"])
+        return str(http_json(self.base + "/detokenize", body, api_key=self.api_key)["prompt"])
 
     def start_variant(self) -> None:
         # A server's cache cannot be reset from outside (outside its dev mode); a new salt
@@ -404,6 +438,8 @@ class ServerBackend:
                 if chunk.usage is not None:
                     usage = chunk.usage
         except openai.APIStatusError as exc:
+            if exc.status_code in REFUSED_STATUSES:
+                raise self.api_key.refused(self.base, exc.status_code) from None
             message = str(exc.message).strip().splitlines()[0]
             raise UserError(f"the server refused the request: {message}") from exc
         except openai.APIConnectionError as exc:

@@ -9,10 +9,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from rich.markup import escape
 
+from harness import in_project_venv
+from harness.api_key import API_KEY_FLAG, add_api_key_arg, api_key_from
 from harness.backend import Backend, OfflineBackend, ServerBackend
 from harness.console import console, err_console
 from harness.engine import EngineOptions, detect_device
-from harness.errors import UserError
+from harness.errors import UserError, missing_module_is_ours, setup_first
 from harness.model import MODEL_ENV, resolve_model
 from harness.report import DEFAULT_PRICE_AS, ExampleResult, check_json_target, show, write_json
 
@@ -29,6 +31,7 @@ def add_common_args(parser: argparse.ArgumentParser, json_schema: str = "lesson"
         help="URL of a running OpenAI-compatible vLLM server (started with --enable-prefix-caching "
         "--enable-prompt-tokens-details) to use instead of the embedded engine",
     )
+    add_api_key_arg(g, "the --endpoint server (lesson 4: the --endpoints servers)")
     g.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -169,8 +172,11 @@ def open_backend(args: argparse.Namespace) -> Backend:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.endpoint:
+        key = api_key_from(args.api_key)
         with console.status(f"connecting to {args.endpoint} ..."):
-            return ServerBackend(args.endpoint, args.model, args.block_size)
+            return ServerBackend(args.endpoint, args.model, args.block_size, key)
+    if args.api_key is not None:
+        raise UserError(f"{API_KEY_FLAG} goes with --endpoint: the embedded engine takes no key")
     opts = engine_options(args)
     name = resolve_model(args.model).display_name
     with console.status(f"starting vLLM on {opts.resolved_device()} with {name} (about 30-90 s on CPU) ..."):
@@ -193,6 +199,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # a package imported on the way (e.g. matplotlib for a plot)
+        if missing_module_is_ours(exc):
+            raise
+        message = setup_first(exc, in_project_venv())
+        err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -19,3 +19,25 @@ def first_line(error: BaseException | str, fallback: str | None = None) -> str:
     if fallback is not None:
         return fallback
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+SETUP_COMMAND = "python setup_and_test.py"
+
+
+def missing_module_is_ours(exc: ModuleNotFoundError) -> bool:
+    """The project's own module missing is a bug to show in full; anything else is the install."""
+    return (exc.name or "").split(".")[0] == "harness"
+
+
+def setup_first(exc: ModuleNotFoundError, in_project_venv: bool) -> str:
+    """The one line for a package this Python lacks: the install was not made, or not finished.
+
+    ``python setup_and_test.py`` installs the lessons' packages into ``.venv`` (and resumes an
+    install that stopped); the scripts then restart in ``.venv`` by themselves."""
+    what = f"No module named {exc.name!r}" if exc.name else first_line(exc)
+    if in_project_venv:
+        return f"the project's .venv is incomplete ({what}): run `{SETUP_COMMAND}` to finish the install"
+    return (
+        f"this Python lacks the lessons' packages ({what}): run `{SETUP_COMMAND}` first; it installs "
+        "them into .venv, which the scripts then use by themselves"
+    )

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from harness.api_key import NO_API_KEY, ApiKey
 from harness.backend import WARMUP_PROMPT, EngineInfo, Message, PrefixCounters, Reply
 from harness.console import console
 from harness.engine import EngineOptions
@@ -71,6 +72,7 @@ class Fleet:
     info: EngineInfo
     owned: bool  # started here (so the failover run may crash one)
     num_gpu_blocks: int | None = None  # the smallest worker's KV cache, as its /metrics says
+    api_key: ApiKey = NO_API_KEY  # the workers' key (one for all), sent with every request
 
     @property
     def names(self) -> list[str]:
@@ -89,9 +91,10 @@ def parse_endpoints(text: str) -> list[str]:
     return urls
 
 
-def fleet_from_endpoints(urls: Sequence[str]) -> Fleet:
-    """Existing servers (any machines). All are checked before any work starts."""
-    infos = [probe_endpoint(u) for u in urls]
+def fleet_from_endpoints(urls: Sequence[str], api_key: ApiKey = NO_API_KEY) -> Fleet:
+    """Existing servers (any machines), all taking ``api_key``. All are checked before any work
+    starts."""
+    infos = [probe_endpoint(u, api_key=api_key) for u in urls]
     if len({i.model for i in infos}) > 1 or len({i.block_size for i in infos}) > 1:
         seen = ", ".join(f"{u}: {i.model} (block {i.block_size})" for u, i in zip(urls, infos, strict=True))
         raise UserError(f"--endpoints must serve the same model with the same block size: {seen}")
@@ -100,17 +103,19 @@ def fleet_from_endpoints(urls: Sequence[str]) -> Fleet:
     info = EngineInfo(
         "vllm-server", first.model, "remote", first.block_size, first.vllm_version, ",".join(urls)
     )
-    return Fleet(workers, first.model, first.block_size, info, False, _smallest_cache(infos))
+    return Fleet(workers, first.model, first.block_size, info, False, _smallest_cache(infos), api_key)
 
 
 def fleet_from_servers(servers: Sequence[ServerProcess], display_name: str, device: str) -> Fleet:
-    """Servers this program started (``harness.servers.LocalServers``): it may crash one."""
-    infos = [probe_endpoint(s.url) for s in servers]
+    """Servers this program started (``harness.servers.LocalServers``, all with the same key or
+    none): it may crash one."""
+    api_key = servers[0].credentials
+    infos = [probe_endpoint(s.url, api_key=api_key) for s in servers]
     workers = [Worker(s.name, s.url, s.process) for s in servers]
     urls = ",".join(w.url for w in workers)
     first = infos[0]
     engine = EngineInfo("vllm-server", display_name, device, first.block_size, first.vllm_version, urls)
-    return Fleet(workers, first.model, first.block_size, engine, True, _smallest_cache(infos))
+    return Fleet(workers, first.model, first.block_size, engine, True, _smallest_cache(infos), api_key)
 
 
 def _smallest_cache(infos: Sequence[EndpointInfo]) -> int | None:
@@ -119,9 +124,9 @@ def _smallest_cache(infos: Sequence[EndpointInfo]) -> int | None:
 
 
 @contextlib.contextmanager
-def remote_fleet(urls: Sequence[str]) -> Iterator[Fleet]:
+def remote_fleet(urls: Sequence[str], api_key: ApiKey = NO_API_KEY) -> Iterator[Fleet]:
     """The servers named by ``--endpoints``: used, never stopped."""
-    yield fleet_from_endpoints(urls)
+    yield fleet_from_endpoints(urls, api_key)
 
 
 @contextlib.contextmanager
@@ -242,8 +247,11 @@ async def dispatch(
     start = time.perf_counter()
     dispatcher: Dispatcher
     if routed_by == "vllm-router":
-        with VllmRouter(vllm_router_policy(policy), [w.url for w in fleet.workers]) as url:
-            proxy = AsyncWorkerClient(url, fleet.model, unavailable_statuses=(500, 502, 503, 504))
+        workers = [w.url for w in fleet.workers]
+        with VllmRouter(vllm_router_policy(policy), workers, api_key=fleet.api_key) as url:
+            proxy = AsyncWorkerClient(
+                url, fleet.model, unavailable_statuses=(500, 502, 503, 504), api_key=fleet.api_key
+            )
             try:
                 dispatcher = ProxyDispatcher(fleet, clients, jobs, max_tokens, kill_at, on_done, proxy)
                 await dispatcher.execute()

@@ -20,9 +20,10 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.api_key import NO_API_KEY, NO_KEY_SENT, ApiKey
 from harness.engine import CPU_DEFAULT_KV_CACHE_GIB, EngineOptions, cpu_threads, usable_cores
 from harness.errors import UserError
 
@@ -33,11 +34,18 @@ class ServerProcess:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes]
-    api_key: str = "EMPTY"  # what a client sends as its key (the server checks it when started with one)
+    # What a client sends as its key: the server's own when it was started with one (it checks
+    # it then), else a placeholder it ignores. ``api_key=server.api_key`` in an openai client.
+    api_key: str = field(default=NO_KEY_SENT, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> ApiKey:
+        """The key as the harness's own clients take it (``ServerBackend``, the workers)."""
+        return NO_API_KEY if self.api_key == NO_KEY_SENT else ApiKey(self.api_key, "the server's key")
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -107,7 +115,14 @@ def server_environment(opts: EngineOptions, index: int, count: int) -> dict[str,
 
 
 class LocalServers:
-    """``with LocalServers(opts, count=2) as servers:`` starts them, waits, and always stops them."""
+    """``with LocalServers(opts, count=2) as servers:`` starts them, waits, and always stops them.
+
+    ``api_key``: the servers check it (vLLM's ``--api-key``), and each ``ServerProcess`` carries
+    it for its clients. It reaches them in their environment (``VLLM_API_KEY``, which vLLM reads
+    as its key), not on their command line, where anyone on the machine could read it (``ps``).
+    Without one, a ``VLLM_API_KEY`` of this process's environment is kept from them: they take
+    no key, as their ``ServerProcess`` says.
+    """
 
     def __init__(
         self,
@@ -118,8 +133,12 @@ class LocalServers:
         on_status: Callable[[str], None] | None = None,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
+        if api_key is not None and (not api_key.strip() or api_key == NO_KEY_SENT):
+            raise ValueError("a server's API key must be a real key, not empty or EMPTY")
         self.opts = opts
+        self.api_key = api_key
         self.extra_args = list(extra_args)  # more api_server flags, e.g. --chat-template
         self.env = dict(env or {})  # more environment for the servers, e.g. VLLM_ENABLE_RESPONSES_API_STORE
         self.count = count
@@ -161,16 +180,24 @@ class LocalServers:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(self.opts, index, self.count) | self.env,
+                env=self.environment(index),
                 start_new_session=True,  # its own process group: stop() kills the engine core too
             )
             log.close()
-            self.servers.append(ServerProcess(name, port, log_path, process))
+            self.servers.append(ServerProcess(name, port, log_path, process, self.api_key or NO_KEY_SENT))
         deadline = time.monotonic() + self.timeout_s
         for server in self.servers:
             self.on_status(f"waiting for {server.name} on port {server.port}")
             wait_healthy(server, deadline)
             self.on_status(f"{server.name} ready on port {server.port}")
+
+    def environment(self, index: int) -> dict[str, str]:
+        """Server ``index``'s environment: the engine's settings, ``env``, and its key or none."""
+        env = server_environment(self.opts, index, self.count) | self.env
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key is not None:
+            env["VLLM_API_KEY"] = self.api_key
+        return env
 
     def stop(self) -> None:
         for server in self.servers:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from harness.api_key import NO_API_KEY, REFUSED_STATUSES, ApiKey
 from harness.backend import (
     Message,
     PrefixCounters,
@@ -61,17 +63,21 @@ class WorkerUnavailable(Exception):
     """The connection to a worker failed or broke mid-request: the request was not answered."""
 
 
-def _get(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def _get(url: str, timeout: float, api_key: ApiKey = NO_API_KEY) -> bytes:
+    request = urllib.request.Request(url, headers=api_key.headers())
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return bytes(resp.read())
 
 
-def probe_endpoint(url: str, timeout: float = 10.0) -> EndpointInfo:
-    """Check that ``url`` is a vLLM server with prefix caching on, before any work is done."""
+def probe_endpoint(url: str, timeout: float = 10.0, api_key: ApiKey = NO_API_KEY) -> EndpointInfo:
+    """Check that ``url`` is a vLLM server with prefix caching on, and takes ``api_key``, before
+    any work is done."""
     base = base_url(url)
     try:
-        models = json.loads(_get(base + "/v1/models", timeout))
+        models = json.loads(_get(base + "/v1/models", timeout, api_key))
     except urllib.error.HTTPError as exc:
+        if exc.code in REFUSED_STATUSES:
+            raise api_key.refused(base, exc.code) from None
         raise UserError(f"cannot reach a vLLM server at {url}: /v1/models answered HTTP {exc.code}") from exc
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -80,7 +86,11 @@ def probe_endpoint(url: str, timeout: float = 10.0) -> EndpointInfo:
     if not served:
         raise UserError(f"the server at {url} serves no model")
     try:
-        metrics = _get(base + "/metrics", timeout).decode()
+        metrics = _get(base + "/metrics", timeout, api_key).decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code in REFUSED_STATUSES:
+            raise api_key.refused(base, exc.code) from None
+        raise UserError(f"cannot read {base}/metrics: {exc}") from exc
     except OSError as exc:
         raise UserError(f"cannot read {base}/metrics: {exc}") from exc
     block = metric_label(metrics, "vllm:cache_config_info", "block_size")
@@ -89,7 +99,7 @@ def probe_endpoint(url: str, timeout: float = 10.0) -> EndpointInfo:
     if metric_label(metrics, "vllm:cache_config_info", "enable_prefix_caching") == "False":
         raise UserError(f"the server at {url} runs without --enable-prefix-caching")
     try:
-        version = str(json.loads(_get(base + "/version", timeout)).get("version", "unknown"))
+        version = str(json.loads(_get(base + "/version", timeout, api_key)).get("version", "unknown"))
     except (OSError, ValueError):
         version = "unknown"
     blocks = metric_label(metrics, "vllm:cache_config_info", "num_gpu_blocks")
@@ -102,7 +112,7 @@ def base_url(url: str) -> str:
 
 class AsyncWorkerClient:
     """The official ``openai`` async client pointed at one worker, plus its side doors
-    (``/tokenize``, ``/metrics``, ``/health``)."""
+    (``/tokenize``, ``/metrics``, ``/health``); ``api_key`` goes with every request."""
 
     def __init__(
         self,
@@ -110,6 +120,7 @@ class AsyncWorkerClient:
         model: str,
         request_timeout_s: float = 900.0,
         unavailable_statuses: tuple[int, ...] = (502, 503, 504),
+        api_key: ApiKey = NO_API_KEY,
     ) -> None:
         from openai import AsyncOpenAI
 
@@ -119,10 +130,11 @@ class AsyncWorkerClient:
         # refusal of the request itself (vllm-router answers 500 when its worker is dead).
         self.unavailable_statuses = unavailable_statuses
         # max_retries=0: a retry is a routing decision, and the lesson makes it itself.
+        self.api_key = api_key
         self.openai = AsyncOpenAI(
-            base_url=self.url + "/v1", api_key="EMPTY", timeout=request_timeout_s, max_retries=0
+            base_url=self.url + "/v1", api_key=api_key.client_key, timeout=request_timeout_s, max_retries=0
         )
-        self.http = httpx.AsyncClient(timeout=30.0)
+        self.http = httpx.AsyncClient(timeout=30.0, headers=api_key.headers())
 
     async def chat(
         self,
@@ -169,6 +181,8 @@ class AsyncWorkerClient:
         except (openai.APIConnectionError, httpx.TransportError) as exc:
             raise WorkerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         except openai.APIStatusError as exc:
+            if exc.status_code in REFUSED_STATUSES:
+                raise self.api_key.refused(self.url, exc.status_code) from None
             if exc.status_code in self.unavailable_statuses:
                 raise WorkerUnavailable(f"{self.url}: HTTP {exc.status_code}") from exc
             message = str(exc.message).strip().splitlines()[0]
@@ -244,7 +258,10 @@ VLLM_ROUTER_PIP = "vllm-router==0.1.17"
 
 
 def vllm_router_command() -> str:
-    exe = shutil.which("vllm-router")
+    # Beside this Python first: .venv/bin is not on PATH when .venv was not activated (a script
+    # started as .venv/bin/python, or restarted there by harness/__init__.py).
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    exe = shutil.which("vllm-router", path=search)
     if exe is None:
         raise UserError(f"the vllm-router command is not installed: pip install {VLLM_ROUTER_PIP}")
     return exe
@@ -256,12 +273,22 @@ class VllmRouter:
 
     ``--policy consistent_hash`` keys on the ``X-Session-ID`` header; ``round_robin`` rotates
     per request. Its Prometheus exporter gets its own free port, so two runs never collide.
+
+    Workers started with ``--api-key``: vllm-router forwards each request's ``Authorization``
+    header to the worker (seen with 0.1.17), so clients send their key as usual and the router
+    needs none; ``api_key`` is what its readiness check sends.
     """
 
     def __init__(
-        self, policy: str, worker_urls: Sequence[str], log_dir: Path | None = None, timeout_s: float = 60.0
+        self,
+        policy: str,
+        worker_urls: Sequence[str],
+        log_dir: Path | None = None,
+        timeout_s: float = 60.0,
+        api_key: ApiKey = NO_API_KEY,
     ) -> None:
         self.policy = policy
+        self.api_key = api_key
         self.worker_urls = [base_url(u) for u in worker_urls]
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvlessons-router-"))
         self.timeout_s = timeout_s
@@ -325,7 +352,7 @@ class VllmRouter:
                     f"see {self.log_path}"
                 )
             try:
-                if json.loads(_get(self.url + "/v1/models", 2.0)).get("data"):
+                if json.loads(_get(self.url + "/v1/models", 2.0, self.api_key)).get("data"):
                     return
             except (OSError, ValueError):
                 pass

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,15 +61,37 @@ def engine(model_path: str) -> Iterator[OfflineBackend]:
     backend.close()
 
 
+def fresh_api_key() -> str:
+    """A fresh key for a test server: random, so a test that finds it in an output finds a leak."""
+    return f"kvtest-{secrets.token_urlsafe(18)}"
+
+
+# The variables the harness reads a key from (harness.api_key): empty in a script run by a test
+# unless the test sets one, so a key of the machine running the tests can neither hide a missing
+# key nor be sent anywhere.
+NO_KEY_ENV = {"VLLM_API_KEY": "", "OPENAI_API_KEY": ""}
+
+
+def key_env(server: ServerProcess) -> dict[str, str]:
+    """The environment of a script that talks to ``server``: its key in VLLM_API_KEY."""
+    return os.environ | NO_KEY_ENV | {"VLLM_API_KEY": server.api_key}
+
+
 @pytest.fixture(scope="session")
 def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One real OpenAI-compatible vLLM server for the whole test session (block size 32)."""
+    """One real OpenAI-compatible vLLM server for the whole test session (block size 32).
+
+    It runs with an API key (vLLM's ``--api-key``, given in its environment), as shared
+    deployments do: every client of it sends ``vllm_server.api_key`` (``api_key=`` of an openai
+    client, ``vllm_server.credentials`` for the harness's own, ``key_env`` for a script), and
+    one that does not gets 401 on ``/v1``."""
     logs = tmp_path_factory.mktemp("server-logs")
     opts = EngineOptions(model=model_path, device="cpu")
     extra = ["--chat-template", str(TOOLS_TEMPLATE)]
     # The Responses API's previous_response_id needs vLLM's response store (off by default).
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
-    with LocalServers(opts, count=1, log_dir=logs, extra_args=extra, env=env) as servers:
+    key = fresh_api_key()
+    with LocalServers(opts, count=1, log_dir=logs, extra_args=extra, env=env, api_key=key) as servers:
         yield servers[0]
     assert not servers[0].alive()
 
@@ -94,7 +117,7 @@ def run_script(
     *args: str, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run one of the project's scripts the way a user would, from the repository root."""
-    full_env = dict(os.environ)
+    full_env = dict(os.environ) | NO_KEY_ENV
     full_env.update(env or {})
     full_env.setdefault("COLUMNS", "120")
     return subprocess.run(

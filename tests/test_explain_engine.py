@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOOLS, TOOLS_TEMPLATE, agent_turns, run_script, validate
+from conftest import TOOLS, TOOLS_TEMPLATE, agent_turns, key_env, run_script, validate
+from test_cli import assert_one_line_error
 
 from harness.backend import OfflineBackend
 from harness.explain import explain_requests, read_requests
@@ -63,13 +64,19 @@ def test_verify_agrees_on_an_agent_log_with_tools_and_replies(
 
 
 def explain_on_server(
-    log: Path, server: ServerProcess, out: Path
+    log: Path, server: ServerProcess, out: Path, key_flag: bool = False
 ) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
-    """``python -m harness.explain LOG --endpoint URL --json OUT`` as a user runs it; the JSON,
-    checked against its schema, and the process."""
+    """``python -m harness.explain LOG --endpoint URL --json OUT`` as a user runs it, with the
+    server's key in VLLM_API_KEY (or ``--api-key`` when ``key_flag``); the JSON, checked against
+    its schema, and the process. The key is in neither."""
     command = ["-m", "harness.explain", str(log), "--chat-template", str(TOOLS_TEMPLATE)]
-    proc = run_script(*command, "--endpoint", server.url, "--json", str(out))
+    if key_flag:
+        proc = run_script(*command, "--endpoint", server.url, "--api-key", server.api_key, "--json", str(out))
+    else:
+        proc = run_script(*command, "--endpoint", server.url, "--json", str(out), env=key_env(server))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert server.api_key not in proc.stdout + proc.stderr
+    assert server.api_key.encode() not in out.read_bytes()
     document = json.loads(out.read_text())
     validate("explain", document)
     return document, proc
@@ -86,6 +93,20 @@ def test_explain_verifies_against_a_server_that_renders_the_bodies_itself(
         assert row["engine_prompt_tokens"] == row["prompt_tokens"], row["line"]
         assert row["engine_cached_tokens"] == row["predicted_cached_tokens"], row["line"]
     assert "the engine agrees with the prediction on all 10 requests" in proc.stdout
+
+
+def test_explain_replay_with_a_wrong_key_is_one_line(vllm_server: ServerProcess, tmp_path: Path) -> None:
+    wrong = "kvtest-wrong-key-0815"
+    out = tmp_path / "explain.json"
+    proc = run_script(
+        "-m", "harness.explain", str(TOOLS_LOG), "--endpoint", vllm_server.url, "--json", str(out),
+        env={"VLLM_API_KEY": wrong},
+    )  # fmt: skip
+    assert_one_line_error(
+        proc, f"error: {vllm_server.url} refused the API key from VLLM_API_KEY (401 Unauthorized)"
+    )
+    assert wrong not in proc.stdout + proc.stderr
+    assert not out.exists()
 
 
 def null_content_log(path: Path) -> Path:
@@ -115,7 +136,7 @@ def test_null_content_tool_calls_and_parts_agree_with_engine_and_server(
     assert [r.engine_cached_tokens for r in rows] == [e.predicted_cached_tokens for e in explained]
     # the server renders the bodies itself: the same prompt lengths and cached tokens
     out = tmp_path / "explain.json"
-    document, _ = explain_on_server(log, vllm_server, out)
+    document, _ = explain_on_server(log, vllm_server, out, key_flag=True)
     for row, e in zip(document["requests"], explained, strict=True):
         assert row["engine_prompt_tokens"] == row["prompt_tokens"] == e.prompt_tokens
         assert row["engine_cached_tokens"] == row["predicted_cached_tokens"] == e.predicted_cached_tokens

@@ -11,12 +11,13 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_script, validate
+from conftest import fresh_api_key, key_env, run_script, validate
 
 import session_consistency as lesson
 from harness.block_pool import BlockPool, CacheTooSmall
@@ -263,6 +264,8 @@ class LessonRun:
     cli_json: dict[str, Any]
     ports: list[int]
     leftovers: list[str]  # command lines still mentioning a worker's port after the run
+    refused: subprocess.CompletedProcess[str]  # the script on the same workers without their key
+    api_key: str
 
 
 def quick_args(**overrides: object) -> argparse.Namespace:
@@ -273,6 +276,7 @@ def quick_args(**overrides: object) -> argparse.Namespace:
         "workers": 2,
         "endpoints": None,
         "endpoint": None,
+        "api_key": None,
         "router": "script",
         "kill_worker_at": None,  # the default: a third of the way in
         "cache_salt": "run",
@@ -303,14 +307,17 @@ def processes_mentioning(ports: list[int]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lesson_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> LessonRun:
-    """Start two workers; run the script on them as --endpoints (WRONG, RIGHT), then the lesson
-    in-process as their owner (WRONG, RIGHT, FAILOVER, which crashes one); stop them."""
+    """Start two workers that need an API key, as shared deployments do; run the script on them as
+    --endpoints (WRONG, RIGHT) with the key in VLLM_API_KEY, then the lesson in-process as their
+    owner (WRONG, RIGHT, FAILOVER, which crashes one); stop them."""
     settings = lesson.settings_from(quick_args())
     logs = tmp_path_factory.mktemp("lesson4-workers")
     out = logs / "lesson4.json"
-    with LocalServers(EngineOptions(model=model_path, device="cpu"), count=2, log_dir=logs) as servers:
+    opts = EngineOptions(model=model_path, device="cpu")
+    with LocalServers(opts, count=2, log_dir=logs, api_key=fresh_api_key()) as servers:
         ports = [s.port for s in servers]
         endpoints = ",".join(s.url for s in servers)
+        refused = run_script("session_consistency.py", "--quick", "--endpoints", endpoints)
         cli = run_script(
             "session_consistency.py",
             "--quick",
@@ -320,13 +327,15 @@ def lesson_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Les
             "200",
             "--json",
             str(out),
+            env=key_env(servers[0]),
         )
         fleet = fleet_from_servers(servers, "SmolLM2-135M-Instruct", "cpu")
         result = asyncio.run(lesson.run_lesson(fleet, settings))
     cli_json = json.loads(out.read_text()) if out.exists() else {}
     if cli_json:
         validate("lesson", cli_json)
-    return LessonRun(result, cli, cli_json, ports, processes_mentioning(ports))
+    key = servers[0].api_key
+    return LessonRun(result, cli, cli_json, ports, processes_mentioning(ports), refused, key)
 
 
 @pytest.mark.engine
@@ -445,6 +454,8 @@ def test_json_contract(lesson_run: LessonRun) -> None:
 @pytest.mark.engine
 def test_the_script_on_existing_endpoints_measures_the_same(lesson_run: LessonRun) -> None:
     assert lesson_run.cli.returncode == 0, lesson_run.cli.stderr[-2000:]
+    assert lesson_run.api_key not in lesson_run.cli.stdout + lesson_run.cli.stderr
+    assert lesson_run.api_key not in json.dumps(lesson_run.cli_json)
     assert "agree with the per-request sums: yes" in lesson_run.cli.stdout
     assert "SIMULATED own-token hit rate" in lesson_run.cli.stdout
     data = lesson_run.cli_json
@@ -456,6 +467,14 @@ def test_the_script_on_existing_endpoints_measures_the_same(lesson_run: LessonRu
         assert [(r["worker"], r["cached_tokens"]) for r in variant["requests"]] == [
             (r.extra["worker"], r.cached_tokens) for r in again
         ]
+
+
+@pytest.mark.engine
+def test_endpoints_without_their_key_is_one_line(lesson_run: LessonRun) -> None:
+    worker = f"http://127.0.0.1:{lesson_run.ports[0]}"  # the first of --endpoints
+    assert_one_line_error(
+        lesson_run.refused, f"error: {worker} asks for an API key (401 Unauthorized) and none was given"
+    )
 
 
 @pytest.mark.engine
@@ -505,9 +524,13 @@ def test_bad_flags_are_one_line_errors(flags: list[str], starts: str) -> None:
     assert_one_line_error(run_script("session_consistency.py", "--quick", *flags), starts)
 
 
-def test_vllm_router_is_installed_or_named_in_the_error() -> None:
-    if shutil.which("vllm-router") is None:
+def test_vllm_router_is_installed_or_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    beside_python = Path(sys.executable).parent / "vllm-router"
+    if not beside_python.exists() and shutil.which("vllm-router") is None:
         with pytest.raises(UserError, match="pip install vllm-router"):
             VllmRouter("round_robin", ["http://127.0.0.1:9"]).command()
     else:
         assert "--policy" in VllmRouter("round_robin", ["http://127.0.0.1:9"]).command()
+    if beside_python.exists():  # found beside this Python when .venv/bin is not on PATH
+        monkeypatch.setenv("PATH", "/nonexistent")
+        assert VllmRouter("round_robin", ["http://127.0.0.1:9"]).command()[0] == str(beside_python)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_script, validate
+from conftest import ROOT, key_env, run_script, validate
 
 from harness.metrics import (
     Counters,
@@ -93,6 +93,9 @@ class FakeState:
     details: bool = True  # --enable-prompt-tokens-details
     engines: int = 1  # data-parallel engines: one label set each, the monitor sums them
     mode: str = "vllm"  # "vllm", "html" (a web page), "404" (no /metrics)
+    # A reverse proxy in front that wants "Authorization: Bearer <guard>" on every path, /metrics
+    # included (vLLM's own --api-key leaves /metrics open: that case is the real server's test).
+    guard: str | None = None
     # Added on every /metrics read: a server under steady load, for runs of the real CLI.
     step: tuple[int, int] = (0, 0)  # (queries, hits) per read
 
@@ -174,9 +177,18 @@ class FakeVllm:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def refused(self) -> bool:
+                guard = fake.state.guard
+                if guard is None or self.headers.get("Authorization") == f"Bearer {guard}":
+                    return False
+                self._send(401, '{"error":"Unauthorized"}', "application/json")
+                return True
+
             def do_GET(self) -> None:
                 with fake.lock:
                     s = fake.state
+                    if self.refused():
+                        return
                     if s.mode == "html":
                         self._send(200, "<html><body>hello</body></html>", "text/html")
                     elif s.mode == "404" or self.path not in ("/metrics", "/v1/models"):
@@ -193,6 +205,8 @@ class FakeVllm:
                 length = int(self.headers.get("Content-Length", 0))
                 self.rfile.read(length)
                 with fake.lock:
+                    if self.refused():
+                        return
                     fake.completions += 1
                     details = {"cached_tokens": 0} if fake.state.details else None
                 usage = {"prompt_tokens": 1, "completion_tokens": 1, "prompt_tokens_details": details}
@@ -573,8 +587,41 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], starts: str) -
     assert proc.stdout == ""  # nothing started
 
 
-def monitor(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_script("-m", "harness.monitor", *args, timeout=120)
+def monitor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_script("-m", "harness.monitor", *args, timeout=120, env=env)
+
+
+GUARD = "kvtest-proxy-key-31337"
+
+
+def test_a_proxy_that_guards_metrics_gets_the_key(fakes: list[FakeVllm], tmp_path: Path) -> None:
+    fake = new_fake(fakes)
+    fake.state.guard = GUARD
+    out = tmp_path / "snap.json"
+    proc = monitor(fake.url, "--once", "--check-details", "--api-key", GUARD, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert GUARD not in proc.stdout + proc.stderr
+    assert GUARD.encode() not in out.read_bytes()
+    server = json.loads(out.read_text())["servers"][0]
+    assert server["up"] is True and server["notes"] == []  # /metrics read, the probe answered
+    assert fake.completions == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({}, "asks for an API key (401 Unauthorized) and none was given"),
+        ({"VLLM_API_KEY": "kvtest-wrong"}, "refused the API key from VLLM_API_KEY (401 Unauthorized)"),
+    ],
+)
+def test_a_guarded_metrics_without_the_key_is_one_line(
+    fakes: list[FakeVllm], env: dict[str, str], says: str
+) -> None:
+    fake = new_fake(fakes)
+    fake.state.guard = GUARD
+    proc = monitor(fake.url, "--interval", "1", env=env)
+    assert_one_line_error(proc, f"error: {fake.url} {says}")
+    assert "kvtest-wrong" not in proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["html", "404"])
@@ -775,14 +822,15 @@ def test_monitor_on_a_real_server_matches_the_requests(vllm_server: ServerProces
     histogram's bucket bounds."""
     from harness.backend import ServerBackend
 
-    backend = ServerBackend(vllm_server.url)  # its warm-up request comes before the baseline
+    # its warm-up request comes before the baseline
+    backend = ServerBackend(vllm_server.url, api_key=vllm_server.credentials)
     target = Target(vllm_server.url)
     settle(target)
     out, csv_path, png = tmp_path / "m.json", tmp_path / "m.csv", tmp_path / "m.png"
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.monitor", vllm_server.url, "--interval", "1", "--check-details",
          "--json", str(out), "--record", str(csv_path), "--plot", str(png)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=key_env(vllm_server),
     )  # fmt: skip
     reader = LineReader(proc)
     try:
@@ -858,3 +906,12 @@ def test_monitor_on_a_real_server_matches_the_requests(vllm_server: ServerProces
     assert sum(int(r["prefix_cache_queries"]) for r in rows) == prompt
     assert sum(int(r["prefix_cache_hits"]) for r in rows) == cached
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.engine
+def test_check_details_without_the_key_of_a_real_server_is_one_line(vllm_server: ServerProcess) -> None:
+    """vLLM's --api-key leaves /metrics open: the monitor alone needs no key, and reads it; the
+    probe of --check-details goes to /v1, where the key is checked."""
+    assert monitor(vllm_server.url, "--once").returncode == 0
+    proc = monitor(vllm_server.url, "--once", "--check-details")
+    assert_one_line_error(proc, f"error: {vllm_server.url} asks for an API key (401 Unauthorized)")

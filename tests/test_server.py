@@ -1,4 +1,9 @@
-"""Lesson 1 against a real OpenAI-compatible vLLM server that the test starts and stops."""
+"""Lesson 1 against a real OpenAI-compatible vLLM server that the test starts and stops.
+
+The server runs with an API key (tests/conftest.py, ``vllm_server``), as shared deployments do:
+the right key works from each place a user gives it (``VLLM_API_KEY``, ``OPENAI_API_KEY``,
+``--api-key``); a missing or wrong one is one line naming the server and the 401, exit 2, before
+anything else is sent, and the key is in no output."""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script, validate
+from conftest import key_env, run_script, validate
+from test_cli import assert_one_line_error
 
+from harness.api_key import ApiKey, api_key_from
 from harness.backend import ServerBackend
 from harness.errors import UserError
 from harness.servers import ServerProcess
@@ -23,9 +30,12 @@ def server(vllm_server: ServerProcess) -> ServerProcess:
 def test_lesson1_quick_against_the_server(server: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "l1.json"
     proc = run_script(
-        "stable_prefix_vs_timestamp.py", "--quick", "--endpoint", server.url, "--json", str(out)
-    )
+        "stable_prefix_vs_timestamp.py", "--quick", "--endpoint", server.url, "--json", str(out),
+        env=key_env(server),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert server.api_key not in proc.stdout + proc.stderr
+    assert server.api_key.encode() not in out.read_bytes()
     # Not a terminal: each request as one plain line while it runs, no control codes.
     assert "\x1b[" not in proc.stdout
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("  wrong #", "  right #"))]
@@ -54,7 +64,7 @@ def test_lesson1_quick_against_the_server(server: ServerProcess, tmp_path: Path)
 
 
 def test_each_variant_starts_cold_on_a_warm_server(server: ServerProcess) -> None:
-    backend = ServerBackend(server.url)
+    backend = ServerBackend(server.url, api_key=server.credentials)
     messages = [{"role": "system", "content": "Stay brief. " * 60}, {"role": "user", "content": "Hi"}]
     backend.start_variant()
     backend.generate(messages)
@@ -65,7 +75,7 @@ def test_each_variant_starts_cold_on_a_warm_server(server: ServerProcess) -> Non
 
 def test_read_cache_off_reuses_nothing_on_the_server(server: ServerProcess) -> None:
     """Lesson 3's WRONG against a server: no HTTP switch exists, a one-off cache_salt stands in."""
-    backend = ServerBackend(server.url)
+    backend = ServerBackend(server.url, api_key=server.credentials)
     messages = [{"role": "system", "content": "Stay short. " * 60}, {"role": "user", "content": "Hi"}]
     backend.start_variant()
     backend.generate(messages)
@@ -75,6 +85,104 @@ def test_read_cache_off_reuses_nothing_on_the_server(server: ServerProcess) -> N
 
 
 def test_server_refuses_a_prompt_longer_than_the_context(server: ServerProcess) -> None:
-    backend = ServerBackend(server.url)
+    backend = ServerBackend(server.url, api_key=server.credentials)
     with pytest.raises(UserError, match="the server refused the request"):
         backend.generate([{"role": "user", "content": "word " * 9000}])
+
+
+# --- the key -------------------------------------------------------------------------------------
+
+WRONG_KEY = "kvtest-wrong-key-0815"
+
+
+def test_the_key_from_openai_api_key_and_from_the_flag(server: ServerProcess) -> None:
+    """The other two places a key comes from, and the order: the flag before VLLM_API_KEY
+    before OPENAI_API_KEY (a wrong key later in the order is never sent)."""
+    for flag, environ in (
+        (None, {"OPENAI_API_KEY": server.api_key}),
+        (server.api_key, {"VLLM_API_KEY": WRONG_KEY, "OPENAI_API_KEY": WRONG_KEY}),
+        (None, {"VLLM_API_KEY": server.api_key, "OPENAI_API_KEY": WRONG_KEY}),
+    ):
+        backend = ServerBackend(server.url, api_key=api_key_from(flag, environ))
+        assert backend.generate([{"role": "user", "content": "Hi"}]).prompt_tokens > 0
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "says"),
+    [
+        (
+            (),
+            {},
+            "asks for an API key (401 Unauthorized) and none was given: set VLLM_API_KEY (or pass --api-key)",
+        ),
+        (
+            ("--api-key", WRONG_KEY),
+            {},
+            "refused the API key from --api-key (401 Unauthorized): give the server's key in VLLM_API_KEY "
+            "(or --api-key)",
+        ),
+        (
+            (),
+            {"OPENAI_API_KEY": WRONG_KEY},
+            "refused the API key from OPENAI_API_KEY (401 Unauthorized)",
+        ),
+    ],
+)
+def test_a_missing_or_wrong_key_is_one_line_before_anything_runs(
+    server: ServerProcess, flags: tuple[str, ...], env: dict[str, str], says: str
+) -> None:
+    proc = run_script("stable_prefix_vs_timestamp.py", "--quick", "--endpoint", server.url, *flags, env=env)
+    assert_one_line_error(proc, f"error: {server.url} {says}")
+    assert WRONG_KEY not in proc.stdout + proc.stderr
+    assert server.api_key not in proc.stdout + proc.stderr
+    assert "wrong #" not in proc.stdout  # no request was run
+
+
+def test_a_wrong_key_in_process_is_the_same_user_error(server: ServerProcess) -> None:
+    with pytest.raises(UserError) as caught:
+        ServerBackend(server.url, api_key=ApiKey(WRONG_KEY, "VLLM_API_KEY"))
+    assert str(caught.value).startswith(f"{server.url} refused the API key from VLLM_API_KEY (401")
+    assert WRONG_KEY not in str(caught.value)
+
+
+def test_vllm_router_in_front_of_a_keyed_server_forwards_the_clients_key(server: ServerProcess) -> None:
+    """Lesson 4's --router vllm-router on --endpoints that need a key: the router itself takes
+    none and passes each request's Authorization header on to the worker."""
+    import asyncio
+
+    from harness.workers import AsyncWorkerClient, VllmRouter, probe_endpoint, vllm_router_command
+
+    try:
+        vllm_router_command()
+    except UserError:
+        pytest.skip("vllm-router is not installed")
+    model = probe_endpoint(server.url, api_key=server.credentials).model
+
+    async def chat(url: str, key: ApiKey) -> int:
+        client = AsyncWorkerClient(url, model, api_key=key)
+        try:
+            reply = await client.chat([{"role": "user", "content": "Hi"}], "kvtest-router", max_tokens=1)
+            return reply.prompt_tokens
+        finally:
+            await client.close()
+
+    with VllmRouter("round_robin", [server.url], api_key=server.credentials) as url:
+        assert asyncio.run(chat(url, server.credentials)) > 0
+        with pytest.raises(UserError, match=f"^{url} refused the API key from VLLM_API_KEY \\(401"):
+            asyncio.run(chat(url, ApiKey(WRONG_KEY, "VLLM_API_KEY")))
+
+
+def test_recording_a_log_from_a_keyed_server(server: ServerProcess, tmp_path: Path) -> None:
+    """examples/record_agent_log.py, the README's way to record a log, with the key in
+    VLLM_API_KEY; without it, one line and no log file."""
+    log = tmp_path / "log.jsonl"
+    command = ("examples/record_agent_log.py", "--endpoint", server.url, "--out", str(log), "--turns", "2")
+    refused = run_script(*command)
+    assert_one_line_error(refused, f"error: {server.url} asks for an API key (401 Unauthorized)")
+    assert not log.exists()
+    proc = run_script(*command, env=key_env(server))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(log.read_text().splitlines()) == 2 + 4  # the OpenAI session's turns, then Anthropic's 4
+    assert server.api_key.encode() not in log.read_bytes()
+    assert server.api_key not in proc.stdout + proc.stderr

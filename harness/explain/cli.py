@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.api_key import API_KEY_FLAG, add_api_key_arg, api_key_from
 from harness.errors import UserError
 from harness.explain.analyze import (
     DEFAULT_CONTEXT_TOKENS,
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay the log on your running vLLM server instead (started with --enable-prefix-caching "
         "--enable-prompt-tokens-details); it renders the bodies itself",
     )
+    add_api_key_arg(parser, "the --endpoint server")
     return parser
 
 
@@ -290,6 +292,8 @@ def _check(args: argparse.Namespace) -> None:
         check_json_target(args.json)  # fail before the work, not after it
     if args.jsonl is not None:
         check_jsonl_target(args.jsonl)
+    if args.api_key is not None and not args.endpoint:
+        raise UserError(f"{API_KEY_FLAG} goes with --endpoint: the embedded engine takes no key")
     if args.json is not None and args.jsonl is not None and args.json.resolve() == args.jsonl.resolve():
         raise UserError("--json and --jsonl name the same file")
 
@@ -312,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
     profile = Profile(enabled=args.profile)
     _check(args)
+    api_key = api_key_from(args.api_key)
     providers = expand(args.provider)
     # Always loaded (a small JSON file): a log recorded from a hosted API is held to its rules.
     table = load_table(args.prices)
@@ -335,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         from harness.backend import ServerBackend
 
         with err.status(f"connecting to {args.endpoint} ..."):
-            server = ServerBackend(args.endpoint, None, args.block_size)
+            server = ServerBackend(args.endpoint, None, args.block_size, api_key)
         if args.block_size is not None and args.block_size != server.block_size:
             warn(f"the server uses block size {server.block_size}, not {args.block_size}")
         block_size = server.block_size
@@ -364,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         from harness.explain.verify import EngineReplay, ServerReplay, Verifier
 
         if server is not None:
-            replay: object = ServerReplay(server.base, server.model, server.block_size)
+            replay: object = ServerReplay(server.base, server.model, server.block_size, server.api_key)
         else:
             from harness.backend import OfflineBackend
 

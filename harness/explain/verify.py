@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from harness.api_key import NO_API_KEY, ApiKey
 from harness.backend import http_json
 from harness.errors import UserError
 from harness.explain.analyze import SESSION, RequestExplanation
@@ -142,9 +143,9 @@ class EngineReplay:
         self.backend.generate_tokens(token_ids, max_tokens=1, cache_salt=salt)
 
 
-def _post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _post(url: str, payload: dict[str, Any], api_key: ApiKey) -> dict[str, Any]:
     try:
-        return dict(http_json(url, payload, timeout=600.0))
+        return dict(http_json(url, payload, timeout=600.0, api_key=api_key))
     except OSError as exc:  # HTTP errors are UserErrors already; this is a lost connection
         raise UserError(f"lost the connection to {url}: {getattr(exc, 'reason', exc)}") from None
 
@@ -152,12 +153,14 @@ def _post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
 class ServerReplay:
     """A running vLLM server: the body goes as logged (the server renders it), asking for one
     token, greedily, with the run's ``cache_salt``; a tool list with ``tool_choice`` "none", which
-    renders the same prompt and needs no tool parser on the server."""
+    renders the same prompt and needs no tool parser on the server. ``api_key`` goes with each
+    request (``harness.api_key``)."""
 
-    def __init__(self, base: str, model: str, block_size: int) -> None:
+    def __init__(self, base: str, model: str, block_size: int, api_key: ApiKey = NO_API_KEY) -> None:
         self.base = base.rstrip("/")
         self.model = model
         self.block_size = block_size
+        self.api_key = api_key
 
     def reset(self) -> None:
         pass  # the run's own salt is the empty cache
@@ -169,14 +172,14 @@ class ServerReplay:
         if request.format == ANTHROPIC:
             if body.get("tools"):
                 body["tool_choice"] = {"type": "none"}
-            usage = _post(self.base + "/v1/messages", body).get("usage") or {}
+            usage = _post(self.base + "/v1/messages", body, self.api_key).get("usage") or {}
             read = int(usage.get("cache_read_input_tokens") or 0)
             written = int(usage.get("cache_creation_input_tokens") or 0)
             return Sent(int(usage.get("input_tokens") or 0) + read + written, read)
         if body.get("tools"):
             body["tool_choice"] = "none"
         body.pop("stream_options", None)
-        usage = _post(self.base + "/v1/chat/completions", body).get("usage") or {}
+        usage = _post(self.base + "/v1/chat/completions", body, self.api_key).get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         if details.get("cached_tokens") is None:
             raise UserError(
@@ -192,4 +195,4 @@ class ServerReplay:
             "temperature": 0,
             "cache_salt": salt,
         }
-        _post(self.base + "/v1/completions", payload)
+        _post(self.base + "/v1/completions", payload, self.api_key)

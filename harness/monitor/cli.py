@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from harness import outputs
+from harness.api_key import add_api_key_arg, api_key_from
 from harness.console import new_console
 from harness.errors import UserError
 from harness.monitor.dashboard import DASHBOARD_TITLE, dashboard, fmt_pct, plain_line, save_dashboard
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="subscribe to a server's KV-cache events (started with --kv-events-config) and count "
         "blocks stored and evicted per interval; URL= names the server when there are several",
     )
+    add_api_key_arg(
+        parser,
+        "the servers, for a proxy that guards /metrics and for --check-details (vLLM leaves /metrics "
+        "open)",
+    )
     return parser
 
 
@@ -149,7 +155,8 @@ def targets_from_args(args: argparse.Namespace) -> list[Target]:
         if server in events:
             raise UserError(f"--kv-events: two endpoints for {server}")
         events[server] = endpoint.replace("tcp://*:", "tcp://127.0.0.1:")
-    return [Target(url, events.get(url)) for url in urls]
+    key = api_key_from(args.api_key)
+    return [Target(url, events.get(url), key) for url in urls]
 
 
 @dataclass(frozen=True)
@@ -257,11 +264,16 @@ def start(args: argparse.Namespace, console: Console) -> Run:
         if foreign:
             r = foreign[0]
             raise UserError(f"{r.target.url} is not a vLLM server: {r.error}")
+        for r in first:
+            if r.refused is not None:
+                raise r.target.api_key.refused(r.target.url, r.refused)
         if args.check_details:
             for track, reading in zip(tracks, first, strict=True):
                 if reading.scrape is not None:
                     try:
                         track.details_note = check_details(track.target, args.timeout)
+                    except UserError:  # a refused key: the same for every request to come
+                        raise
                     except Exception as exc:  # a probe that fails is a note, not a crash
                         track.details_note = f"--check-details failed: {exc}"
         for track in tracks:

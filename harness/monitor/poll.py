@@ -14,6 +14,10 @@ a URL that answers without vLLM metrics is told apart from a server that is down
 Per-request cached tokens (``usage.prompt_tokens_details``, ``--enable-prompt-tokens-details``)
 leave no trace in ``/metrics``; ``--check-details`` sends one 1-token request per server at start
 to find out (``check_details``).
+
+A server behind a proxy that guards ``/metrics`` too (vLLM's own ``--api-key`` leaves it open)
+gets the key as a Bearer token (``Target.api_key``, see ``harness.api_key``); a refused key is an
+error at start (``Reading.refused``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
+from harness.api_key import NO_API_KEY, REFUSED_STATUSES, ApiKey
 from harness.errors import UserError
 from harness.metrics import (
     PREFIX_QUERIES,
@@ -61,6 +66,7 @@ class Target:
 
     url: str  # base URL, e.g. http://127.0.0.1:8000
     kv_events: str | None = None  # ZMQ endpoint of its KV-cache events
+    api_key: ApiKey = field(default=NO_API_KEY, compare=False)  # sent with every request
 
     @property
     def name(self) -> str:
@@ -95,17 +101,25 @@ class Reading:
     scrape: Scrape | None
     error: str | None = None
     not_vllm: bool = False
+    refused: int | None = None  # the HTTP status (401, 403) of a /metrics that refused the key
+
+
+def _request(target: Target, path: str, body: dict[str, object] | None = None) -> urllib.request.Request:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.Request(target.url + path, data, headers | target.api_key.headers())
 
 
 def read_server(target: Target, timeout: float) -> Reading:
     try:
-        with urllib.request.urlopen(target.metrics_url, timeout=timeout) as resp:
+        with urllib.request.urlopen(_request(target, "/metrics"), timeout=timeout) as resp:
             body = resp.read().decode("utf-8", errors="replace")
             wall = time.time()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return Reading(target, None, "answers, but has no /metrics (HTTP 404)", not_vllm=True)
-        return Reading(target, None, f"/metrics answered HTTP {exc.code}")
+        refused = exc.code if exc.code in REFUSED_STATUSES else None
+        return Reading(target, None, f"/metrics answered HTTP {exc.code}", refused=refused)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
         return Reading(target, None, f"unreachable: {reason}")
@@ -125,9 +139,15 @@ def check_details(target: Target, timeout: float) -> str | None:
     ``prompt_tokens_details``? Returns a note when it does not, None when it does.
 
     Returns only once the probe shows in the server's counters (which the API server updates a
-    moment after answering), so the monitor's baseline, read next, already holds it."""
+    moment after answering), so the monitor's baseline, read next, already holds it. A refused
+    key is a ``UserError`` (vLLM checks it on ``/v1``)."""
     before = read_server(target, timeout).scrape
-    models = json.loads(urllib.request.urlopen(target.url + "/v1/models", timeout=timeout).read())
+    try:
+        models = json.loads(urllib.request.urlopen(_request(target, "/v1/models"), timeout=timeout).read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in REFUSED_STATUSES:
+            raise target.api_key.refused(target.url, exc.code) from None
+        raise
     model = models["data"][0]["id"]
     body = {
         "model": model,
@@ -137,9 +157,7 @@ def check_details(target: Target, timeout: float) -> str | None:
         # A salt of its own: the probe neither uses nor leaves anything other requests could hit.
         "cache_salt": f"kvmonitor-probe-{secrets.token_hex(8)}",
     }
-    request = urllib.request.Request(
-        target.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+    request = _request(target, "/v1/completions", body)
     usage = json.loads(urllib.request.urlopen(request, timeout=max(timeout, 30.0)).read()).get("usage") or {}
     details = usage.get("prompt_tokens_details")
     deadline = time.monotonic() + 5.0

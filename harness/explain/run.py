@@ -19,9 +19,11 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from harness.errors import UserError
 from harness.explain.analyze import LogExplainer, RequestExplanation
@@ -184,7 +186,10 @@ class Held:
 
     def add(self, result: RequestResult) -> None:
         if len(self.results) < self.limit:
-            self.results.append(result)
+            # Without its body: the console shows what the analysis found, not what was sent.
+            r = result.request
+            slim = ChatRequest(r.line, {}, r.format, r.session_id, r.timestamp)
+            self.results.append(replace(result, request=slim))
         else:
             self.beyond += 1
         if result.explanation.is_break and len(self.breaks) < 10 * self.limit:
@@ -322,6 +327,11 @@ def _dumps(value: Any, indent: int | None) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=False)
 
 
+def _line(value: dict[str, Any]) -> str:
+    """One JSONL record (orjson: a row per request of a long log is written at C speed)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode("utf-8") + "\n"
+
+
 class JsonOutput:
     """``--json F`` (``lines=False``): the document, byte for byte what ``json.dumps(document,
     indent=2)`` writes, its requests streamed in; ``--jsonl F``: one record per line (``record``:
@@ -338,7 +348,7 @@ class JsonOutput:
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.count = 0
         if lines:
-            self._write(_dumps({"record": "header", **head}, None) + "\n")
+            self._write(_line({"record": "header", **head}))
         else:
             text = _dumps(head, 2)
             self._write(text[:-2] + ',\n  "requests": [')  # the header's closing "\n}" reopened
@@ -351,7 +361,7 @@ class JsonOutput:
 
     def row(self, row: dict[str, Any]) -> None:
         if self.lines:
-            self._write(_dumps({"record": "request", **row}, None) + "\n")
+            self._write(_line({"record": "request", **row}))
         else:
             text = _dumps(row, 2).replace("\n", "\n    ")
             self._write(("," if self.count else "") + "\n    " + text)
@@ -359,7 +369,7 @@ class JsonOutput:
 
     def close(self, end: dict[str, Any]) -> None:
         if self.lines:
-            self._write(_dumps({"record": "summary", **end}, None) + "\n")
+            self._write(_line({"record": "summary", **end}))
         else:
             rest = _dumps(end, 2)
             self._write(("\n  ]" if self.count else "]") + ",\n" + rest[2:] + "\n")

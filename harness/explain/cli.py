@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "requests",
         type=Path,
-        help="JSONL file, one request per line in the order sent: an OpenAI Chat Completions or "
-        'Anthropic Messages body, bare or with its response ({"request": ..., "response": ...}, '
-        "batch files, gateway logs); see harness/explain/formats.py",
+        help="JSONL file, one request per line in the order sent: an OpenAI Chat Completions, "
+        "OpenAI Responses or Anthropic Messages body, bare or with its response "
+        '({"request": ..., "response": ...}, batch files, gateway logs); see harness/explain/formats.py',
     )
     parser.add_argument(
         "--model",
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
             )
         backend = None
         if server is not None:
-            replay: object = ServerReplay(server.base, server.model, server.block_size)
+            replay: object = ServerReplay(server.base, server.model, server.block_size, renderer)
         else:
             from harness.backend import OfflineBackend
 

@@ -103,7 +103,7 @@ def segments_of(request: ChatRequest) -> tuple[Segment, ...]:
         system = body.get("system")
         blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system or [])
         pieces += [Segment("system", _text(b.get("text", "")), "system", _ttl(b)) for b in blocks]
-    for number, message in enumerate(body["messages"]):
+    for number, message in enumerate(request.messages):
         role = str(message.get("role"))
         kind = "system" if role in ("system", "developer") else "message"
         content = message.get("content")

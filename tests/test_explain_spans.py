@@ -39,7 +39,7 @@ def as_log(conversations: list[list[dict[str, str]]], session: str) -> list[Chat
 def test_spans_of_the_example_log_at_their_first_token_and_fixed(chat_renderer: ChatRenderer) -> None:
     requests, _ = read_requests(EXAMPLE)
     explained = explain_requests(requests, chat_renderer, 32)
-    spans = find_spans(explained, chat_renderer.decode)
+    spans = find_spans(explained)
     by_line = {r.line: r for r in requests}
     assert {(s.line, s.kind, s.message_index) for s in spans} == {
         (4, "timestamp", 0),
@@ -67,7 +67,7 @@ def test_lesson1_clock_is_found_and_moving_it_makes_every_turn_extend(chat_rende
     log = as_log(lesson1.build_wrong(4, quick=True), "lesson1")
     explained = explain_requests(log, chat_renderer, 32)
     assert [e.status for e in explained] == ["cold", "break", "break", "break"]
-    spans = find_spans(explained, chat_renderer.decode)
+    spans = find_spans(explained)
     assert len(spans) == 1
     span = spans[0]
     assert (span.kind, span.message_index, span.occurrences) == ("timestamp", 0, 3)
@@ -87,7 +87,7 @@ def test_lesson1_clock_is_found_and_moving_it_makes_every_turn_extend(chat_rende
 def test_lesson2_state_counter_is_found_and_moved(chat_renderer: ChatRenderer) -> None:
     log = as_log(lesson2.build_wrong(3, quick=True), "lesson2")
     explained = explain_requests(log, chat_renderer, 32)
-    spans = find_spans(explained, chat_renderer.decode)
+    spans = find_spans(explained)
     top = spans[0]
     assert (top.kind, top.message_index) == ("counter", 1)  # "step": 0 -> 1, in the state message
     assert top.start_token == first_difference(
@@ -156,7 +156,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (("--provider", "openai:gpt-nope"), "error: unknown provider/model 'openai:gpt-nope'"),
-        (("--provider", "nonsense"), "error: expected 'provider:model', got 'nonsense'"),
+        (("--provider", "nonsense"), "error: unknown provider 'nonsense'; providers: anthropic, azure, "),
         (("--prices", "/nonexistent/p.json"), "error: "),
     ],
 )

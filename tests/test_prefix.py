@@ -107,3 +107,71 @@ def test_index_equals_brute_force_on_random_sequences() -> None:
             m.record(prompt, output)
             seen.append(prompt + output[:-1])
             assert list(m.sequence(-1)) == seen[-1]
+
+
+def _resync_by_definition(new: list[int], old: list[int], start: int, window: int) -> tuple[int, int]:
+    """resync as first written: every window of ``old`` in a dict, every run compared token by token."""
+    grams: dict[tuple[int, ...], list[int]] = {}
+    for j in range(start, len(old) - window + 1):
+        grams.setdefault(tuple(old[j : j + window]), []).append(j)
+    best, best_run = (len(new), len(old)), 0
+    for i in range(start, len(new) - window + 1):
+        for j in grams.get(tuple(new[i : i + window]), ()):
+            run = common_prefix_len(new[i:], old[j:])
+            if j + run == len(old):
+                return i, j
+            if run > best_run:
+                best, best_run = (i, j), run
+    return best
+
+
+def test_resync_equals_its_definition_on_random_edits() -> None:
+    """The byte-search resync against the n-gram definition: a value replaced, a block moved
+    (a reordered list: runs that stop agreeing), two changes (no agreement to the end), none."""
+    import random
+
+    from harness.prefix import RESYNC, resync
+
+    rng = random.Random(11)
+    for _ in range(400):
+        old = [rng.randint(0, 5) for _ in range(rng.randint(0, 80))]
+        new = list(old)
+        start = rng.randint(0, len(old))
+        kind = rng.randrange(4)
+        if kind == 0:  # a value replaced at start
+            new[start : start + rng.randint(0, 4)] = [rng.randint(0, 5) for _ in range(rng.randint(1, 4))]
+        elif kind == 1 and len(old) > start + 10:  # a piece moved (reordered)
+            cut = rng.randint(start + 1, len(old) - 1)
+            new = old[:start] + old[cut:] + old[start:cut]
+        elif kind == 2:  # two changes
+            new[start : start + 1] = [9]
+            if len(new) > start + 20:
+                new[start + 15] = 8
+        new += [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]  # the next turn appended
+        start = min(start, common_prefix_len(new, old))
+        assert resync(new, old, start) == _resync_by_definition(new, old, start, RESYNC), (new, old, start)
+
+
+def test_a_bounded_cache_evicts_least_recently_used_tail_first() -> None:
+    m = PrefixCacheModel(block_size=2, capacity_blocks=2)
+    a = [1, 2, 3, 4, 5, 6, 7]  # three full blocks and a last token
+    m.record(a)
+    assert m.blocks == 2 and m.evicted_blocks == 1
+    assert m.predict(a).cached_tokens == 4  # the tail block went first: the first two remain
+    m.record([9, 9, 8, 8, 7])  # another prompt's two blocks push both of a's out
+    assert m.predict(a).cached_tokens == 0 and m.evicted_blocks == 3
+    assert m.predict([9, 9, 8, 8, 1]).cached_tokens == 4
+    m.record([9, 9, 1, 1, 0])  # reuses one block, adds one: the least recently used (8, 8) goes
+    assert m.predict([9, 9, 8, 8, 1]).cached_tokens == 2
+    assert m.peak_blocks == 2
+
+
+def test_sequences_are_kept_as_what_they_add() -> None:
+    m = PrefixCacheModel(block_size=4)
+    session = [list(range(10))]
+    for n in range(20):  # an agent session: each request extends the one before
+        session.append(session[-1] + [100 + n] * 7)
+        m.record(session[-1])
+    assert [list(m.sequence(i)) for i in range(len(m))] == session[1:]
+    assert sum(len(tail) for _, _, tail in m._parts) < 2 * len(session[-1])
+    assert m.sequence_length(5) == len(session[6])

@@ -233,12 +233,13 @@ def _turn(blocks: int) -> ProviderRequest:
     return request(*segments)
 
 
-def test_anthropic_20_block_lookback(table: PriceTable) -> None:
+@pytest.mark.parametrize("key", ["anthropic:claude-sonnet-4-5", "bedrock:anthropic.claude-sonnet-5"])
+def test_anthropic_20_block_lookback(table: PriceTable, key: str) -> None:
     # Turn 1 writes at block 10 (1,100 tokens). Block 29 looks back over blocks 29..10: a hit.
-    hit = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(29)], table)[1]
+    hit = simulate(key, [_turn(10), _turn(29)], table)[1]
     assert (hit.cached_tokens, hit.cache_write_tokens) == (1100, 29 * 110 - 1100)
     # Block 30 looks back over 30..11: block 10 is the 21st position, outside the window.
-    miss = simulate("anthropic:claude-sonnet-4-5", [_turn(10), _turn(30)], table)[1]
+    miss = simulate(key, [_turn(10), _turn(30)], table)[1]
     assert (miss.cached_tokens, miss.cache_write_tokens) == (0, 3300)
 
 
@@ -375,7 +376,7 @@ def test_every_entry_names_its_source_and_date() -> None:
     for section in ("models", "rule_sets"):
         for name, entry in DATA[section].items():
             assert entry["source"].startswith("https://"), name
-            assert entry["read"].startswith("2026-11-28"), name
+            assert entry["read"].startswith(("2026-11-28", "2026-12-02")), name
 
 
 def test_prices_override_and_extend(table: PriceTable, tmp_path: Path) -> None:
@@ -429,10 +430,23 @@ def test_missing_prices_file(tmp_path: Path) -> None:
 
 
 def test_unknown_provider_model(table: PriceTable) -> None:
-    with pytest.raises(UserError, match=r"unknown provider/model 'x:y'; known: anthropic:claude-fable-5-1, "):
+    # An unknown provider lists the providers, not every model of every provider.
+    with pytest.raises(UserError) as caught:
         simulate("x:y", [], table)
-    with pytest.raises(UserError, match="expected 'provider:model'"):
+    message = str(caught.value)
+    assert message.startswith("unknown provider 'x'; providers: anthropic, azure, bedrock, deepseek, ")
+    assert ":" not in message.split("providers: ")[1].split(" (")[0] and "\n" not in message
+    with pytest.raises(UserError, match="unknown provider 'gpt-4.1'; providers: "):
         price("gpt-4.1", table, prompt_tokens=1, cached_tokens=0)
+    # A known provider with an unknown model lists that provider's models only.
+    with pytest.raises(UserError) as caught:
+        table.entry("deepseek:deepseek-chat")
+    assert str(caught.value) == (
+        "unknown provider/model 'deepseek:deepseek-chat'; deepseek models: "
+        "deepseek:deepseek-flash, deepseek:deepseek-v4-pro"
+    )
+    with pytest.raises(UserError, match="expected 'provider' or 'provider:model', got ':gpt-4.1'"):
+        table.entry(":gpt-4.1")
 
 
 def test_engines_are_left_to_the_explainer(table: PriceTable) -> None:
@@ -459,3 +473,417 @@ def test_missing_price_gives_none(table: PriceTable) -> None:
     # Gemini 3.1 Pro has no cached-token price in the table: a request that reads the cache has no cost.
     assert price("gemini:gemini-3.1-pro-preview", table, prompt_tokens=5000, cached_tokens=0) is not None
     assert price("gemini:gemini-3.1-pro-preview", table, prompt_tokens=5000, cached_tokens=4096) is None
+
+
+# --------------------------------------------------------------------------- --provider NAME: defaults
+
+
+def test_every_provider_default_is_a_model_of_that_provider(table: PriceTable) -> None:
+    for provider, info in DATA["providers"].items():
+        assert info["why"], provider
+        assert table.entry(provider).key == f"{provider}:{info['default']}"
+        assert f"{provider}:{info['default']}" in DATA["models"]
+    # Every hosted provider of the table has a default; the engines answer with their wildcard.
+    hosted = {key.split(":")[0] for key in DATA["models"]} - {"vllm", "sglang"}
+    assert hosted == set(DATA["providers"])
+    assert table.entry("vllm").key == "vllm:*" and table.entry("sglang").key == "sglang:*"
+
+
+def test_all_still_prices_the_three_original_defaults(table: PriceTable) -> None:
+    from harness.explain.costs import ENGINES, expand
+
+    hosted = [table.entry(name).key for name in expand(["all"]) if name not in ENGINES]
+    assert hosted == ["openai:gpt-6.2-sol", "anthropic:claude-sonnet-5-5", "gemini:gemini-3.8-flash"]
+
+
+def test_a_user_file_adds_a_provider_and_its_default(tmp_path: Path) -> None:
+    user = tmp_path / "prices.json"
+    user.write_text(json.dumps({
+        "models": {"acme:m1": {"rules": "openai-pre-5.6", "price": {"input": 1.0}},
+                   "acme:m2": {"rules": "openai-pre-5.6", "price": {"input": 2.0}}},
+        "providers": {"acme": {"default": "m2"}, "openai": {"default": "gpt-4.1"}},
+    }))
+    mine = load_table(user)
+    assert mine.entry("acme").key == "acme:m2"
+    assert mine.entry("openai").key == "openai:gpt-4.1"  # the user's default wins
+    user.write_text(json.dumps({"models": {"acme:m1": {"rules": "openai-pre-5.6"}}}))
+    with pytest.raises(UserError, match="'acme' has no default model in the table; name one: acme:m1$"):
+        load_table(user).entry("acme")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"providers": {"openai": {"default": "nope"}}}',
+         "providers.openai.default names no model 'openai:nope'"),
+        ('{"providers": {"openai": "gpt-4.1"}}', "providers.openai must be an object"),
+        ('{"rule_sets": {"xai": {"boundary": "word"}}}',
+         "rule_sets.xai.boundary must be one of token, message"),
+        ('{"rule_sets": {"kimi": {"write_ttl": "2h"}}}',
+         "rule_sets.kimi.write_ttl must be one of 5m, 1h, 30m"),
+        ('{"rule_sets": {"qwen-explicit": {"without_breakpoints": "nope"}}}',
+         "rule_sets.qwen-explicit.without_breakpoints names no rule set"),
+        ('{"rule_sets": {"bedrock-nova": {"tool_breakpoints": "no"}}}',
+         "rule_sets.bedrock-nova.tool_breakpoints must be true or false"),
+        ('{"rule_sets": {"mistral": {"read_ratio": -0.1}}}',
+         "rule_sets.mistral.read_ratio must be a number >= 0"),
+    ],
+)
+def test_bad_provider_and_rule_fields_are_one_line_errors(tmp_path: Path, content: str, message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(UserError) as caught:
+        load_table(bad)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_provider_without_a_model_names_the_resolved_model(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import validate
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "e.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.explain", "examples/agent_tools_log.jsonl", "--chat-template",
+         "examples/chatml_tools.jinja", "--provider", "deepseek,zai", "--json", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "deepseek:deepseek-flash" in result.stdout and "zai:glm-5" in result.stdout
+    document = json.loads(out.read_text())
+    validate("explain", document)
+    assert list(document["cost"]) == ["deepseek:deepseek-flash", "zai:glm-5"]
+
+
+# --------------------------------------------------------------------------- DeepSeek: disk units
+
+
+def test_deepseek_common_prefix_is_read_by_the_third_request(table: PriceTable) -> None:
+    # A + B, A + C: both miss (A + C does not fully match the unit A + B); A is persisted as the
+    # common prefix, so A + D reads it. A is 1,000 tokens, each question 20.
+    p = prices("deepseek:deepseek-flash")
+    stable = system(words("a", 1000))
+    u = simulate(
+        "deepseek:deepseek-flash",
+        [request(stable, msg("user", words(q, 20))) for q in "bcd"],
+        table,
+    )
+    assert [x.cached_tokens for x in u] == [0, 0, 1000]
+    assert [x.cache_write_tokens for x in u] == [0, 0, 0]  # writes are free
+    assert "shares 1,000 tokens with an earlier prompt" in u[1].notes[0]
+    assert u[2].cost_usd == pytest.approx((1000 * p["cache_read"] + 20 * p["input"]) / M)
+    assert u[2].approximate
+
+
+def test_deepseek_a_unit_is_read_only_in_full(table: PriceTable) -> None:
+    # The unit is the whole first prompt (1,020 tokens); a prompt that stops 10 tokens short of it
+    # shares 1,010 tokens but reads nothing, unlike an automatic prefix cache.
+    first = request(system(words("a", 1000)), msg("user", words("b", 20)))
+    shorter = request(system(words("a", 1000)), msg("user", words("b", 10)))
+    u = simulate("deepseek:deepseek-flash", [first, shorter, shorter], table)
+    assert [x.cached_tokens for x in u] == [0, 0, 1010]
+    assert simulate("zai:glm-5", [first, shorter], table)[1].cached_tokens == 1010
+
+
+@pytest.mark.parametrize(("output", "cached"), [(5, 1050), (0, 1020)])
+def test_deepseek_the_reply_resent_ends_an_output_unit(table: PriceTable, output: int, cached: int) -> None:
+    # Turn 1: A (1,000) + B (20), answered with output tokens. Turn 2 re-sends the reply E (30)
+    # and asks F: the unit at the end of the output covers A + B + E = 1,050 tokens. Without a
+    # logged reply (0 output tokens) only the input unit A + B = 1,020 is there.
+    turn1 = request(system(words("a", 1000)), msg("user", words("b", 20)), output=output)
+    turn2 = request(
+        system(words("a", 1000)), msg("user", words("b", 20)), msg("assistant", words("e", 30)),
+        msg("user", words("f", 20)),
+    )
+    u = simulate("deepseek:deepseek-v4-pro", [turn1, turn2], table)[1]
+    p = prices("deepseek:deepseek-v4-pro")
+    assert (u.prompt_tokens, u.cached_tokens) == (1070, cached)
+    assert u.cost_usd == pytest.approx((cached * p["cache_read"] + (1070 - cached) * p["input"]) / M)
+
+
+def test_deepseek_a_reply_first_or_an_empty_prompt(table: PriceTable) -> None:
+    opening = request(msg("assistant", words("a", 300)), msg("user", words("b", 10)), output=3)
+    u = simulate("deepseek:deepseek-flash", [opening, opening, request()], table)
+    assert [(x.prompt_tokens, x.cached_tokens) for x in u] == [(310, 0), (310, 310), (0, 0)]
+
+
+def test_deepseek_units_do_not_expire_in_the_simulation(table: PriceTable) -> None:
+    same = (system(words("a", 300)),)
+    ten_days = 10 * 24 * 3600
+    log = [request(*same, timestamp=0), request(*same, timestamp=ten_days)]
+    u = simulate("deepseek:deepseek-flash", log, table)
+    assert u[1].cached_tokens == 300
+
+
+# --------------------------------------------------------------------------- Amazon Bedrock
+
+
+@pytest.mark.parametrize(
+    ("key", "minimum"),
+    [("bedrock:anthropic.claude-opus-5", 512), ("bedrock:anthropic.claude-sonnet-5", 1024),
+     ("bedrock:anthropic.claude-haiku-4-5-20251001-v1:0", 4096), ("bedrock:amazon.nova-2-lite-v1:0", 1000)],
+)
+def test_bedrock_checkpoint_minimum_per_model(table: PriceTable, key: str, minimum: int) -> None:
+    for size, cached in ((minimum - 1, 0), (minimum, minimum)):
+        same = request(system(words("a", size), cache="5m"), msg("user", words("q", 5)))
+        first, second = simulate(key, [same, same], table)
+        assert (first.cache_write_tokens, second.cached_tokens) == (cached, cached), (key, size)
+
+
+def test_bedrock_nova_has_no_lookback_and_no_tool_checkpoints(table: PriceTable) -> None:
+    # Turn 1 writes at the system prompt's end (1,100) and at the question's (1,110). Turn 2 asks
+    # another question with a checkpoint only on it: Claude looks back and reads 1,100; Nova
+    # checks the checkpoint's own position only, and writes all 1,110 again.
+    first = request(system(words("a", 1100), cache="5m"), msg("user", words("b", 10), cache="5m"))
+    second = request(system(words("a", 1100)), msg("user", words("c", 10), cache="5m"))
+    claude = simulate("bedrock:anthropic.claude-sonnet-5", [first, second], table)[1]
+    nova = simulate("bedrock:amazon.nova-2-lite-v1:0", [first, second], table)[1]
+    assert (claude.cached_tokens, claude.cache_write_tokens) == (1100, 10)
+    assert (nova.cached_tokens, nova.cache_write_tokens) == (0, 1110)
+    on_tool = request(tool(words("a", 1200), cache="5m"), msg("user", words("b", 10)))
+    notes = simulate("bedrock:amazon.nova-2-lite-v1:0", [on_tool], table)[0].notes
+    assert "a breakpoint on tool definition 1: not accepted there, ignored" in notes
+
+
+def test_bedrock_nova_five_minutes_only_and_no_write_price(table: PriceTable) -> None:
+    p = prices("bedrock:amazon.nova-2-lite-v1:0")
+    same = (system(words("a", 1000), cache="1h"), msg("user", words("q", 10)))
+    u = simulate(
+        "bedrock:amazon.nova-2-lite-v1:0",
+        [request(*same, timestamp=0), request(*same, timestamp=240), request(*same, timestamp=600)],
+        table,
+    )
+    assert "a 1h breakpoint where only 5-minute caching is offered: written for 5 minutes" in u[0].notes
+    assert [x.cached_tokens for x in u] == [0, 1000, 0]  # 360 s after the read at 240 s: gone
+    assert "expired: 6 min since last use (TTL 5 min)" in u[2].notes
+    assert u[0].cost_usd is None  # a write, and the table has no Nova write price
+    assert u[1].cost_usd == pytest.approx((1000 * p["cache_read"] + 10 * p["input"]) / M)
+
+
+def test_bedrock_claude_one_hour_write_price(table: PriceTable) -> None:
+    p = prices("bedrock:anthropic.claude-sonnet-5")
+    same = (system(words("a", 1200), cache="1h"), msg("user", words("q", 30)))
+    log = [request(*same, timestamp=0), request(*same, timestamp=3000)]
+    u = simulate("bedrock:anthropic.claude-sonnet-5", log, table)
+    assert u[0].cost_usd == pytest.approx((1200 * p["cache_write_1h"] + 30 * p["input"]) / M)
+    assert u[1].cost_usd == pytest.approx((1200 * p["cache_read"] + 30 * p["input"]) / M)
+
+
+# --------------------------------------------------------------------------- Azure OpenAI
+
+
+def test_azure_before_gpt_5_6_in_memory_lifetime(table: PriceTable) -> None:
+    # 1,500 text tokens + 3 priming = 1,503: 11 steps of 128 = 1,408. Reads at 600 s (10 min after
+    # the write) and not at 1,201 s (601 s after that read).
+    p = prices("azure:gpt-4.1")
+    same = (tool(words("a", 1500)),)
+    u = simulate(
+        "azure:gpt-4.1",
+        [request(*same, timestamp=0), request(*same, timestamp=600), request(*same, timestamp=1201)],
+        table,
+    )
+    assert [x.cached_tokens for x in u] == [0, 1408, 0]
+    assert "expired: 10 min since last use (TTL 10 min)" in u[2].notes
+    assert u[1].cost_usd == pytest.approx((1408 * p["cache_read"] + 95 * p["input"]) / M)
+    assert not u[1].approximate  # Azure serves OpenAI's models: o200k_base counts are exact
+
+
+def test_azure_gpt_5_6_breakpoints(table: PriceTable) -> None:
+    # The scenario of test_openai_breakpoints_implicit_and_explicit, at Azure's gpt-5.6-luna prices.
+    p = prices("azure:gpt-5.6-luna")
+    stable = system(words("a", 1030), cache="5m")
+    first = request(stable, msg("user", words("b", 30)), output=10)
+    other = request(stable, msg("user", words("c", 30)))
+    u1, u2 = simulate("azure:gpt-5.6-luna", [first, other], table)
+    assert (u1.prompt_tokens, u1.cached_tokens, u1.cache_write_tokens) == (1071, 0, 1068)
+    assert u1.cost_usd == pytest.approx((1068 * p["cache_write"] + 3 * p["input"] + 10 * p["output"]) / M)
+    assert (u2.cached_tokens, u2.cache_write_tokens) == (1034, 34)
+
+
+# --------------------------------------------------------------------------- xAI
+
+
+def test_xai_reads_whole_matching_messages_only(table: PriceTable) -> None:
+    # System 500 + user 100; the next user message keeps its first 60 tokens and changes the rest.
+    # xAI serves the 500 tokens of the matching system message; a token-granular cache (Z.ai) 560.
+    first = request(system(words("a", 500)), msg("user", words("b", 100)))
+    second = request(system(words("a", 500)), msg("user", words("b", 60) + words("c", 40)))
+    u = simulate("xai:grok-4.7", [first, second], table)[1]
+    assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens) == (600, 500, 0)
+    p = prices("xai:grok-4.7")
+    assert u.cost_usd == pytest.approx((500 * p["cache_read"] + 100 * p["input"]) / M)
+    assert simulate("zai:glm-5", [first, second], table)[1].cached_tokens == 560
+    tiny = request(msg("user", words("a", 5)))
+    assert simulate("xai:grok-4.7", [tiny, tiny], table)[1].cached_tokens == 5  # no minimum stated
+
+
+def test_xai_long_context_rates_from_200k(table: PriceTable) -> None:
+    data = DATA["models"]["xai:grok-4.7"]
+    below = price("xai:grok-4.7", table, prompt_tokens=199_999, cached_tokens=0)
+    at = price("xai:grok-4.7", table, prompt_tokens=200_000, cached_tokens=0)
+    assert below == pytest.approx(199_999 * data["price"]["input"] / M)
+    assert at == pytest.approx(200_000 * data["long_context"]["input"] / M)
+
+
+# --------------------------------------------------------------------------- Mistral
+
+
+@pytest.mark.parametrize(("shared", "cached"), [(63, 0), (64, 64), (127, 64), (200, 192)])
+def test_mistral_64_token_blocks(table: PriceTable, shared: int, cached: int) -> None:
+    first = request(tool(words("a", shared)), tool(words("b", 50)))
+    second = request(tool(words("a", shared)), tool(words("c", 50)))
+    u = simulate("mistral:mistral-large-latest", [first, second], table)[1]
+    assert (u.prompt_tokens, u.cached_tokens) == (shared + 50, cached)
+    # Cached tokens at 10% of the input price (the page's rule; the model lists no cache_read).
+    p = prices("mistral:mistral-large-latest")
+    assert "cache_read" not in p
+    assert u.cost_usd == pytest.approx((cached * 0.1 * p["input"] + (shared + 50 - cached) * p["input"]) / M)
+
+
+# --------------------------------------------------------------------------- Alibaba Qwen
+
+
+@pytest.mark.parametrize(("size", "cached"), [(255, 0), (256, 256)])
+def test_qwen_implicit_cache_from_256_tokens(table: PriceTable, size: int, cached: int) -> None:
+    same = request(msg("user", words("a", size)))
+    u = simulate("qwen:qwen3-max", [same, same], table)[1]
+    assert (u.cached_tokens, u.cache_write_tokens) == (cached, 0)
+    p = prices("qwen:qwen3-max")
+    assert u.cost_usd == pytest.approx((cached * 0.2 * p["input"] + (size - cached) * p["input"]) / M)
+
+
+@pytest.mark.parametrize(("size", "cached"), [(1023, 0), (1024, 1024)])
+def test_qwen_explicit_cache_from_1024_tokens(table: PriceTable, size: int, cached: int) -> None:
+    same = request(system(words("a", size), cache="5m"), msg("user", words("q", 10)))
+    first, second = simulate("qwen:qwen3-max", [same, same], table)
+    assert (first.cache_write_tokens, second.cached_tokens) == (cached, cached)
+    p = prices("qwen:qwen3-max")
+    rest = (size - cached + 10) * p["input"]
+    assert first.cost_usd == pytest.approx((cached * 1.25 * p["input"] + rest) / M)
+    assert second.cost_usd == pytest.approx((cached * 0.1 * p["input"] + rest) / M)
+
+
+def test_qwen_explicit_and_implicit_caches_are_separate(table: PriceTable) -> None:
+    # Without a marker the implicit cache serves the request; with one, the explicit cache, which
+    # is empty: it writes. The third request (no marker) reads the implicit entry of the first.
+    plain = request(system(words("a", 1100)), msg("user", words("b", 10)))
+    marked = request(system(words("a", 1100), cache="5m"), msg("user", words("b", 10)))
+    u = simulate("qwen:qwen3-max", [plain, marked, plain], table)
+    assert [(x.cached_tokens, x.cache_write_tokens) for x in u] == [(0, 0), (0, 1100), (1110, 0)]
+
+
+def test_qwen_keeps_the_last_four_markers(table: PriceTable) -> None:
+    # Five markers at 300, 600, ..., 1,500 tokens. Alibaba keeps the last four (600..1,500), of which
+    # 1,200 and 1,500 reach the 1,024 minimum: 1,500 written. Anthropic refuses the request; simulated
+    # with the first four (300..1,200): 1,200 written.
+    five = request(*(system(words(letter, 300), cache="5m") for letter in "abcde"))
+    qwen = simulate("qwen:qwen3-max", [five], table)[0]
+    assert qwen.cache_write_tokens == 1500
+    assert "5 breakpoints: only the last 4 take effect" in qwen.notes
+    assert simulate("anthropic:claude-sonnet-4-5", [five], table)[0].cache_write_tokens == 1200
+
+
+def test_qwen_explicit_entries_live_five_minutes(table: PriceTable) -> None:
+    same = (system(words("a", 1100), cache="5m"),)
+    u = simulate(
+        "qwen:qwen3-max",
+        [request(*same, timestamp=0), request(*same, timestamp=299), request(*same, timestamp=600)],
+        table,
+    )
+    assert [x.cached_tokens for x in u] == [0, 1100, 0]  # 301 s after the hit at 299 s
+
+
+def test_qwen_prices_above_32k_are_unknown(table: PriceTable) -> None:
+    assert price("qwen:qwen3-max", table, prompt_tokens=32_000, cached_tokens=0) == pytest.approx(
+        32_000 * prices("qwen:qwen3-max")["input"] / M
+    )
+    assert price("qwen:qwen3-max", table, prompt_tokens=32_001, cached_tokens=0) is None
+
+
+# --------------------------------------------------------------------------- Moonshot Kimi
+
+
+@pytest.mark.parametrize(("size", "cached"), [(256, 0), (257, 257)])
+def test_kimi_minimum_and_paid_writes(table: PriceTable, size: int, cached: int) -> None:
+    p = prices("moonshot:kimi-k3")
+    same = request(msg("user", words("a", size)))
+    first, second = simulate("moonshot:kimi-k3", [same, same], table)
+    assert (first.cache_write_tokens, second.cached_tokens, second.cache_write_tokens) == (cached, cached, 0)
+    assert first.cost_usd == pytest.approx((cached * p["cache_write"] + (size - cached) * p["input"]) / M)
+    assert second.cost_usd == pytest.approx((cached * p["cache_read"] + (size - cached) * p["input"]) / M)
+
+
+def test_kimi_grows_writes_the_new_part_and_ignores_the_key(table: PriceTable) -> None:
+    p = prices("moonshot:kimi-k3")
+    first = request(system(words("a", 1000)), key="alice")
+    grown = request(system(words("a", 1000)), msg("user", words("b", 100)), key="bob")
+    u = simulate("moonshot:kimi-k3", [first, grown], table)[1]
+    assert (u.cached_tokens, u.cache_write_tokens) == (1000, 100)  # one cache per organization
+    assert u.cost_usd == pytest.approx((1000 * p["cache_read"] + 100 * p["cache_write"]) / M)
+
+
+def test_kimi_five_minute_lifetime(table: PriceTable) -> None:
+    same = (msg("user", words("a", 300)),)
+    u = simulate("moonshot:kimi-k3", [request(*same, timestamp=0), request(*same, timestamp=301)], table)
+    assert (u[1].cached_tokens, u[1].cache_write_tokens) == (0, 300)
+    assert "expired: 5 min since last use (TTL 5 min)" in u[1].notes
+
+
+# --------------------------------------------------------------------------- Z.ai GLM
+
+
+def test_zai_token_granular_without_a_minimum(table: PriceTable) -> None:
+    p = prices("zai:glm-5")
+    first = request(system(words("a", 500)), msg("user", words("b", 100)))
+    second = request(system(words("a", 500)), msg("user", words("b", 60) + words("c", 40)))
+    u = simulate("zai:glm-5", [first, second], table)[1]
+    assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens) == (600, 560, 0)
+    assert u.cost_usd == pytest.approx((560 * p["cache_read"] + 40 * p["input"]) / M)
+    tiny = request(msg("user", words("a", 5)))
+    assert simulate("zai:glm-5", [tiny, tiny], table)[1].cached_tokens == 5
+
+
+def test_sequence_store_equals_its_definition_on_random_prompts() -> None:
+    """The chunk tree against the definition it replaced: the longest common prefix with any live
+    stored prompt, and the longest expired one beyond it (with when it was last used)."""
+    import random
+
+    from harness.providers.cache import SequenceStore, _Entry
+
+    rng = random.Random(3)
+    for chunk in (1, 3, 64, 8):
+        SequenceStore.CHUNK, original = chunk, SequenceStore.CHUNK
+        try:
+            store, seen = SequenceStore(), {}
+            for step in range(250):
+                now = float(step)
+                if seen and rng.random() < 0.7:
+                    base = list(rng.choice(list(seen)))
+                    cut = rng.randint(0, len(base))
+                    tokens = tuple(base[:cut] + [rng.randint(-3, 4) for _ in range(rng.randint(0, 9))])
+                else:
+                    tokens = tuple(rng.randint(-3, 4) for _ in range(rng.randint(0, 140)))
+                live = max(
+                    (common(tokens, t) for t, e in seen.items() if e.live(now)), default=0
+                )
+                dead = max((common(tokens, t) for t, e in seen.items() if not e.live(now)), default=0)
+                got_live, _, got_dead, entry = store.best(tokens, now)
+                assert got_live == live
+                assert got_dead == (dead if dead > live else 0)
+                if got_dead:
+                    assert entry is not None and not entry.live(now)
+                ttl = 20.0  # one rule set, one lifetime
+                store.add(tokens, now, ttl)
+                seen[tokens] = _Entry(ttl, now)
+        finally:
+            SequenceStore.CHUNK = original
+
+
+def common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

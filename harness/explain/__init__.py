@@ -26,7 +26,12 @@ Run it::
 The modules, one concern each: ``formats`` (what a line may be), ``render`` (a body into token
 IDs, as vLLM's server does it), ``analyze`` (the lookups: status, divergence, lost tokens),
 ``hints`` (why a prompt changed), ``reconcile`` (reported usage vs prediction), ``verify`` (the
-replay on an engine), ``report`` (table and JSON), ``cli``.
+replay on an engine), ``spans`` (volatile spans and their fixes), ``provider_view`` (a body as a
+hosted provider reads it: where it breaks in that provider's pieces and tokens), ``costs`` (the
+log priced per ``--provider``, every lost dollar with its cause), ``origin`` (which server
+answered a logged request: a log from a hosted API is held to that provider's rules),
+``diagnostics`` (the providers' own cache-miss reasons next to the explainer's), ``report``
+(table and JSON), ``cli``.
 
 Definitions used in the output:
 

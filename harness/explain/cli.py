@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,27 @@ from typing import Any
 from harness.errors import UserError
 from harness.explain.analyze import (
     DEFAULT_CONTEXT_TOKENS,
+    DEFAULT_SESSION_WINDOW_REQUESTS,
+    DEFAULT_SESSION_WINDOW_S,
     SCOPES,
     SHARED,
+    LogExplainer,
     RequestExplanation,
     explain_requests,
 )
-from harness.explain.costs import ENGINES, expand, price_log, usd_by_line
-from harness.explain.formats import ChatRequest, read_requests
+from harness.explain.costs import ENGINES, Pricer, expand
+from harness.explain.formats import ChatRequest, SkippedLine, iter_requests
+from harness.explain.origin import Answered
+from harness.explain.profile import Profile, print_profile
 from harness.explain.report import (
     check_json_target,
-    disagreements,
+    check_jsonl_target,
+    print_cache_use,
     print_report,
     print_suggestion,
-    report_json,
-    write_json,
 )
-from harness.explain.spans import find_spans, suggest
+from harness.explain.run import DEFAULT_MAX_HELD, Finished, JsonOutput, LogRun, ending, header
+from harness.explain.spans import Suggestion, VolatileSpan, suggest
 from harness.providers import load_table
 
 DEFAULT_BLOCK_SIZE = 32  # the CPU engine's block size in this project (harness.engine)
@@ -119,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="also price the log under a provider's caching rules: vllm, sglang, openai:MODEL, "
-        "anthropic:MODEL, gemini:MODEL, or all (repeat or separate with commas; see docs/providers.md)",
+        help="also price the log under a provider's caching rules: a provider (openai, anthropic, deepseek, "
+        "...: its default model), provider:MODEL, vllm, sglang, or all (repeat or separate with commas; "
+        "providers, models and defaults: docs/providers.md)",
     )
     parser.add_argument(
         "--prices",
@@ -135,6 +142,59 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apply the top volatile span's fix to its session and show one real request before and "
         "after, with where the cache breakpoint goes",
+    )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        metavar="F",
+        help="also write one JSON line per request to F as it is explained (a header line first, a "
+        "summary line last): for logs too big for one JSON document",
+    )
+    parser.add_argument(
+        "--cache-tokens",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="the cache holds at most N tokens (e.g. 2M: what the engine's KV cache holds), least "
+        "recently used blocks evicted as vLLM does; default unbounded (its peak is reported)",
+    )
+    parser.add_argument(
+        "--session-window",
+        type=_duration,
+        default=DEFAULT_SESSION_WINDOW_S,
+        metavar="T",
+        help="close a session idle longer than T (e.g. 30m, 2h, 3600, none; default 1h; "
+        f"{DEFAULT_SESSION_WINDOW_REQUESTS:,} requests for a log without timestamps): its state is "
+        "dropped, a request after that starts it anew",
+    )
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="with --scope session: explain only the sessions of shard K of N (by a hash of the "
+        "session id); N processes with --shard 1/N ... N/N cover the log",
+    )
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=DEFAULT_MAX_HELD,
+        metavar="N",
+        help=f"show the rows and details of the first N requests (default {DEFAULT_MAX_HELD:,}); totals, "
+        "--json and --jsonl cover every request",
+    )
+    parser.add_argument(
+        "--tokenize",
+        choices=("pieces", "whole"),
+        default="pieces",
+        help="pieces (default): tokenize only the parts of a prompt not seen lately (split at the "
+        "template's special tokens; the same tokens, checked); whole: every prompt whole, as the server does",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the time went: start-up, reading, rendering, tokenizing, the cache model, ...",
     )
     parser.add_argument(
         "--verify",
@@ -152,6 +212,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """A positive number of tokens: 2000000, 2M, 500k."""
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    try:
+        value = int(float(digits) * scale)
+    except ValueError:
+        example = "(e.g. 2000000, 2M, 500k)"
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r} {example}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> float | None:
+    """Seconds from 90, 90s, 30m, 2h; None for none/off."""
+    if text.lower() in ("none", "off", "never"):
+        return None
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if text[-1:].lower() in "smh" else text
+    try:
+        value = float(digits) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 2h, 3600, none)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, slash, n = text.partition("/")
+    try:
+        shard = (int(k), int(n))
+    except ValueError:
+        shard = (0, 0)
+    if not slash or not 1 <= shard[0] <= shard[1]:
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N, e.g. 1/2; got {text!r}")
+    return shard
+
+
+def in_shard(request: ChatRequest, shard: tuple[int, int] | None) -> bool:
+    """Whether ``request``'s session belongs to shard K of N (a stable hash of its id)."""
+    if shard is None:
+        return True
+    k, n = shard
+    return zlib.crc32((request.session_id or "").encode("utf-8")) % n == k - 1
+
+
 @contextlib.contextmanager
 def _progress(console: Any, total: int, label: str) -> Iterator[Callable[[object], None]]:
     """A bar on stderr while ``total`` items go by; yields the function that advances it."""
@@ -163,34 +271,62 @@ def _progress(console: Any, total: int, label: str) -> Iterator[Callable[[object
         yield lambda _item: bar.advance(task)
 
 
-def run(args: argparse.Namespace) -> int:
-    from harness.console import err_console as err
-    from harness.model import resolve_model
-
+def _check(args: argparse.Namespace) -> None:
+    """Everything about the flags that can be wrong, before anything is read."""
     if args.block_size is not None and args.block_size <= 0:
         raise UserError(f"--block-size must be a positive number of tokens, got {args.block_size}")
     if args.context < 0:
         raise UserError(f"--context must not be negative, got {args.context}")
+    if args.max_rows < 0:
+        raise UserError(f"--max-rows must not be negative, got {args.max_rows}")
     if args.chat_template is not None and not args.chat_template.is_file():
         raise UserError(f"--chat-template {args.chat_template}: no such file")
+    if args.shard is not None and args.scope != "session":
+        raise UserError(
+            "--shard needs --scope session: under --scope shared every session can reuse every other's "
+            "blocks, so sessions cannot be explained apart"
+        )
     if args.json is not None:
         check_json_target(args.json)  # fail before the work, not after it
+    if args.jsonl is not None:
+        check_jsonl_target(args.jsonl)
+    if args.json is not None and args.jsonl is not None and args.json.resolve() == args.jsonl.resolve():
+        raise UserError("--json and --jsonl name the same file")
+
+
+def _scan(args: argparse.Namespace, warn: Callable[[str], None]) -> tuple[int, list[SkippedLine]]:
+    """Every line checked before anything slow starts: (requests, lines skipped)."""
+    count, skipped = 0, []
+    field = args.session_field
+    for item in iter_requests(args.requests, skip_bad=args.skip_bad, warn=warn, session_field=field):
+        if isinstance(item, SkippedLine):
+            skipped.append(item)
+        elif in_shard(item, args.shard):
+            count += 1
+    return count, skipped
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.console import err_console as err
+    from harness.model import resolve_model
+
+    profile = Profile(enabled=args.profile)
+    _check(args)
     providers = expand(args.provider)
-    table = None
-    if providers or args.prices is not None:
-        table = load_table(args.prices)
-        for name in providers:
-            if name not in ENGINES:
-                table.entry(name)  # an unknown provider or model fails here, before anything slow
+    # Always loaded (a small JSON file): a log recorded from a hosted API is held to its rules.
+    table = load_table(args.prices)
+    for name in providers:
+        if name not in ENGINES:
+            table.entry(name)  # an unknown provider or model fails here, before anything slow
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
-    requests, skipped = read_requests(
-        args.requests, skip_bad=args.skip_bad, warn=warn, session_field=args.session_field
-    )
-    if not requests:
-        raise UserError(f"no requests in {args.requests}")
+    with profile.stage("read and parse"):
+        total, skipped = _scan(args, warn)
+    if not total:
+        where = f" for --shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""
+        raise UserError(f"no requests in {args.requests}{where}")
     spec = resolve_model(args.model)
 
     server = None
@@ -210,89 +346,166 @@ def run(args: argparse.Namespace) -> int:
         options = EngineOptions(model=spec.name_or_path, block_size=block_size)
         apply_environment(options)  # before vLLM is first imported (by the renderer)
 
-    from harness.explain.render import ChatRenderer
+    with profile.stage("start-up"):
+        from harness.explain.render import ChatRenderer
 
-    with err.status(f"loading vLLM's chat rendering for {spec.display_name} (10-20 s) ..."):
-        renderer = ChatRenderer(
-            spec.name_or_path,
-            args.chat_template,
-            trust_request_chat_template=args.trust_request_chat_template,
-            exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-        )
-    with _progress(err, len(requests), "rendering and looking up") as advance:
-        explanations = explain_requests(
-            requests, renderer, block_size, args.context, scope=args.scope, on_request=advance
-        )
-
-    verified = None
-    if args.verify or server is not None:
-        from harness.explain.verify import EngineReplay, ServerReplay, verify
-
-        too_long = [e.line for e in explanations if e.longer_than_context]
-        if too_long and server is None:
-            raise UserError(
-                f"lines {too_long} are longer than the model's context of {renderer.max_model_len} "
-                "tokens: the engine would refuse them (drop them, or pass a longer-context --model)"
+        with err.status(f"loading vLLM's chat rendering for {spec.display_name} (10-20 s) ..."):
+            renderer = ChatRenderer(
+                spec.name_or_path,
+                args.chat_template,
+                trust_request_chat_template=args.trust_request_chat_template,
+                exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                pieces=args.tokenize == "pieces",
             )
-        backend = None
+    replaying = args.verify or server is not None
+    backend = None
+    verifier = None
+    if replaying:
+        from harness.explain.verify import EngineReplay, ServerReplay, Verifier
+
         if server is not None:
             replay: object = ServerReplay(server.base, server.model, server.block_size, renderer)
         else:
             from harness.backend import OfflineBackend
 
             assert options is not None
-            with err.status(f"starting vLLM on {spec.display_name} (block size {block_size}) ..."):
+            with profile.stage("start-up"), err.status(
+                f"starting vLLM on {spec.display_name} (block size {block_size}) ..."
+            ):
                 backend = OfflineBackend(options, spec.display_name)
             if backend.info.block_size != block_size:
                 backend.close()
-                raise UserError(
-                    f"the engine runs with block size {backend.info.block_size}, not {block_size}"
-                )
+                runs = backend.info.block_size
+                raise UserError(f"the engine runs with block size {runs}, not {block_size}")
             replay = EngineReplay(backend)
+        verifier = Verifier(replay, args.scope)  # type: ignore[arg-type]
+
+    explainer = LogExplainer(
+        renderer,
+        block_size,
+        args.context,
+        scope=args.scope,
+        cache_tokens=args.cache_tokens,
+        session_window=args.session_window,
+        keep_tokens=replaying,
+        keep_requests=True,
+        profile=profile,
+    )
+    log_run = LogRun(
+        explainer,
+        [Pricer(name, table, spec.display_name) for name in providers],
+        Answered(table),
+        verifier,
+        max_held=args.max_rows,
+        profile=profile,
+    )
+    template = str(args.chat_template) if args.chat_template is not None else None
+    head = header(args.requests, spec.display_name, template, block_size, args.scope, replaying)
+    targets = ((args.json, False), (args.jsonl, True))
+    outputs = [JsonOutput(path, lines, head) for path, lines in targets if path is not None]
+    try:
         try:
-            with _progress(err, len(requests), "replaying on the engine") as advance:
-                verified = verify(requests, explanations, replay, args.scope, on_request=advance)  # type: ignore[arg-type]
+            with _progress(err, total, "rendering and looking up") as advance:
+                items = iter_requests(args.requests, skip_bad=True, session_field=args.session_field)
+                while True:
+                    with profile.stage("read and parse"):
+                        item = next(items, None)
+                    if item is None:
+                        break
+                    if isinstance(item, SkippedLine) or not in_shard(item, args.shard):
+                        continue
+                    result = log_run.add(item)
+                    if verifier is not None and server is None and result.explanation.longer_than_context:
+                        raise UserError(
+                            f"line {item.line} is longer than the model's context of "
+                            f"{renderer.max_model_len} tokens: the engine would refuse it (drop it, or "
+                            "pass a longer-context --model)"
+                        )
+                    with profile.stage("output"):
+                        if outputs:
+                            row = result.row()
+                            for output in outputs:
+                                output.row(row)
+                    advance(result)
         finally:
             if backend is not None:
                 backend.close()
+        finished = log_run.finish()
+        suggestion = None
+        if args.suggest and finished.local_spans:
+            suggestion = _suggestion(args, renderer, block_size, finished.local_spans[0], log_run)
+        with profile.stage("output"):
+            _print(args, spec, block_size, log_run, finished, suggestion, explainer)
+        if args.profile:
+            from harness.console import new_console
 
-    costs = (
-        price_log(providers, requests, explanations, table, spec.display_name) if table and providers else []
-    )
-    spans = find_spans(explanations, renderer.decode, usd_by_line(costs, explanations))
-    suggestion = None
-    if args.suggest and spans:
+            print_profile(profile, finished.totals.prompt_tokens, new_console(off_terminal_width=140))
+        end = ending(skipped, finished, suggestion.to_json() if suggestion is not None else None)
+        more = {"cache_use": explainer.cache_use().to_json(), "profile_s": profile.to_json()}
+        for output in outputs:
+            output.close({**end, **more} if output.lines else end)
+    except BaseException:
+        for output in outputs:
+            output.abandon()
+        raise
+    if replaying:
+        return 1 if finished.totals.engine_disagrees else 0
+    return 0
 
-        def reanalyze(fixed: list[ChatRequest]) -> list[RequestExplanation]:
-            return explain_requests(fixed, renderer, block_size, args.context, scope=args.scope)
 
-        suggestion = suggest(requests, explanations, spans[0], reanalyze, block_size)
-    template = str(args.chat_template) if args.chat_template is not None else None
+def _suggestion(
+    args: argparse.Namespace, renderer: Any, block_size: int, top: VolatileSpan, log_run: LogRun
+) -> Suggestion:
+    """The top span's fix on its session: the session's requests read again (a second pass over the
+    log, keeping that session only), the fix applied, the analysis run again."""
+
+    def reanalyze(fixed: list[ChatRequest]) -> list[RequestExplanation]:
+        return explain_requests(fixed, renderer, block_size, args.context, scope=args.scope)
+
+    session = [
+        item
+        for item in iter_requests(args.requests, skip_bad=True, session_field=args.session_field)
+        if isinstance(item, ChatRequest) and item.session_id == top.session_id
+    ]
+    # The fix is checked by analysing again on the local rendering: a span it shows.
+    return suggest(session, log_run.held.breaks, top, reanalyze, block_size)
+
+
+def _print(
+    args: argparse.Namespace,
+    spec: Any,
+    block_size: int,
+    log_run: LogRun,
+    finished: Finished,
+    suggestion: Suggestion | None,
+    explainer: LogExplainer,
+) -> None:
+    held = log_run.held
     model_name = spec.display_name + (f" + {args.chat_template.name}" if args.chat_template else "")
-    print_report(explanations, model_name, block_size, verified, scope=args.scope, costs=costs, spans=spans)
+    print_report(
+        held.explanations,
+        model_name,
+        block_size,
+        held.verified,
+        scope=args.scope,
+        costs=finished.costs,
+        spans=finished.spans,
+        diagnoses=held.diagnoses,
+        origins=held.origins,
+        totals=finished.totals,
+        beyond=held.beyond,
+    )
+    print_cache_use(explainer.cache_use(), args.profile)
     if suggestion is not None:
         print_suggestion(suggestion)
+    elif args.suggest and finished.spans:
+        top = finished.spans[0]  # only a provider's reading has it: the local analysis cannot check its fix
+        print(
+            f"no volatile span in the local rendering to fix and check again; the top one is {top.kind} in "
+            f"{top.piece}, as {top.provider} reads the body: {top.fix}"
+        )
     elif args.suggest:
         print("no volatile span: every request extends (or repeats) its session's previous one")
-    if args.json is not None:
-        document = report_json(
-            args.requests,
-            spec.display_name,
-            block_size,
-            explanations,
-            skipped,
-            verified,
-            scope=args.scope,
-            requests=requests,
-            chat_template=template,
-            costs=costs,
-            spans=spans,
-            suggestion=suggestion,
-        )
-        write_json(args.json, document)
-    if verified is not None:
-        return 1 if disagreements(explanations, verified) else 0
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

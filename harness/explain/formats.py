@@ -71,12 +71,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from harness.errors import UserError
+from harness.explain.diagnostics import ProviderDiagnostics, read_diagnostics
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -121,6 +124,9 @@ class LoggedResponse:
     finish_reason: str | None  # "stop", "length", "tool_calls"; Anthropic stop_reason mapped
     token_ids: list[int] | None  # the generated token IDs, when the server returned them
     usage: LoggedUsage | None
+    # Its id, model and URL, and the provider's own cache-miss diagnosis when it has one
+    # (harness/explain/diagnostics.py): filled by parse_record from the raw response, any format.
+    diagnostics: ProviderDiagnostics | None = None
     response_id: str | None = None  # Responses: the id a later previous_response_id names
     output: list[dict[str, Any]] | None = None  # Responses: the output items as logged
 
@@ -437,8 +443,8 @@ def _responses_response(response: dict[str, Any], usage: dict[str, Any] | None) 
         finish,
         None,
         logged,
-        response_id if isinstance(response_id, str) else None,
-        items,
+        response_id=response_id if isinstance(response_id, str) else None,
+        output=items,
     )
 
 
@@ -492,7 +498,7 @@ def parse_response(response: Any, fmt: str) -> LoggedResponse | None:
 
 
 def parse_record(
-    text: str,
+    text: str | bytes,
     line: int,
     session_field: str = "session_id",
     earlier: Mapping[str, ChatRequest] | None = None,
@@ -503,9 +509,14 @@ def parse_record(
     response; a Responses body's ``previous_response_id`` must be one of them (``RecordReader``
     keeps it)."""
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _bad(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:  # the standard library's message says where, in words people know
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _bad(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except UnicodeDecodeError:
+            raise _bad(line, "not UTF-8 text") from None
     if not isinstance(record, dict):
         raise _bad(line, f"expected a JSON object, got {type(record).__name__}")
     body, response, url = unwrap(record)
@@ -527,6 +538,9 @@ def parse_record(
     check_body(body, fmt, line)
     if isinstance(record.get("error"), dict) and record.get("response") is None:
         response = None
+    parsed = parse_response(response, fmt)
+    if parsed is not None:
+        parsed = replace(parsed, diagnostics=read_diagnostics(response, url))
     session = _session(record, body, session_field, line)
     previous = None
     if fmt == RESPONSES and body.get("previous_response_id") is not None:
@@ -546,7 +560,7 @@ def parse_record(
         fmt,
         session,
         _timestamp(record),
-        parse_response(response, fmt),
+        parsed,
         previous,
     )
 
@@ -576,17 +590,15 @@ def _item_message(item: dict[str, Any]) -> dict[str, Any]:
     return {"role": "tool" if kind in _CLIENT_ITEMS else "assistant", "content": [block]}
 
 
-def responses_messages(request: ChatRequest) -> list[dict[str, Any]]:
-    """A Responses request's conversation as a hosted Responses API reads it, as chat messages.
+def chain_items(request: ChatRequest) -> list[dict[str, Any]]:
+    """The input items a hosted Responses API reads for this request, its chain written out.
 
     OpenAI's API reference (``POST /responses``,
     https://platform.openai.com/docs/api-reference/responses/create, read 2026-12-02 from a
     stored copy): a request with ``previous_response_id`` continues that response's whole
-    conversation, and the earlier ``instructions`` are not carried over. So: this request's
-    ``instructions`` (a system message), every earlier request's input items and *all* its
-    response's output items (reasoning and tool calls too; vLLM carries only the messages, see
-    ``render``), then this ``input``. Text parts become text blocks; any other item is one block
-    of its own JSON, which stands for its tokens in the provider simulation (``costs``).
+    conversation, and the earlier ``instructions`` are not carried over. So: every earlier
+    request's input items and *all* its response's output items (reasoning and tool calls too;
+    vLLM carries only the messages forward, see ``render``), then this ``input``.
     """
     chain: list[ChatRequest] = []
     earlier = request.previous
@@ -598,10 +610,16 @@ def responses_messages(request: ChatRequest) -> list[dict[str, Any]]:
         items += input_items(past.body)
         if past.response is not None:
             items += past.response.output or []
-    items += input_items(request.body)
+    return items + input_items(request.body)
+
+
+def responses_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """A Responses request's conversation as chat messages: its ``instructions`` (a system
+    message), then ``chain_items``; text parts become text blocks, any other item one block of
+    its own JSON."""
     instructions = request.body.get("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
-    return system + [_item_message(item) for item in items]
+    return system + [_item_message(item) for item in chain_items(request)]
 
 
 class RecordReader:
@@ -612,7 +630,7 @@ class RecordReader:
         self.session_field = session_field
         self._responses: dict[str, ChatRequest] = {}
 
-    def parse(self, text: str, line: int) -> ChatRequest:
+    def parse(self, text: str | bytes, line: int) -> ChatRequest:
         request = parse_record(text, line, self.session_field, self._responses)
         if request.response is not None and request.response.response_id is not None:
             self._responses[request.response.response_id] = request
@@ -634,31 +652,40 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def iter_requests(
+    path: Path,
+    skip_bad: bool = False,
+    warn: Callable[[str], None] | None = None,
+    session_field: str = "session_id",
+) -> Iterator[ChatRequest | SkippedLine]:
+    """The chat requests of a JSONL file, in order, one at a time (the file is never held whole).
+    Blank lines are ignored.
+
+    A malformed line raises ``UserError`` and nothing after it is read, unless ``skip_bad``:
+    then it is reported through ``warn`` and yielded as a ``SkippedLine``. (Responses requests
+    whose response has an id are kept for a later ``previous_response_id``: ``RecordReader``.)
+    """
+    reader = RecordReader(session_field)
+    for number, raw in iter_lines(path):
+        try:
+            yield reader.parse(raw, number)
+        except UserError as exc:
+            if not skip_bad:
+                raise UserError(f"{path}: {exc}", exc.exit_code) from None
+            if warn is not None:
+                warn(f"{path}: {exc} (skipped)")
+            yield SkippedLine(number, str(exc))
+
+
 def read_requests(
     path: Path,
     skip_bad: bool = False,
     warn: Callable[[str], None] | None = None,
     session_field: str = "session_id",
 ) -> tuple[list[ChatRequest], list[SkippedLine]]:
-    """Read a JSONL file of chat requests, in order. Blank lines are ignored.
-
-    A malformed line raises ``UserError`` and nothing after it is read, unless ``skip_bad``:
-    then it is reported through ``warn`` and skipped.
-    """
+    """Read a JSONL file of chat requests, in order (``iter_requests``, kept in a list)."""
     requests: list[ChatRequest] = []
     skipped: list[SkippedLine] = []
-    reader = RecordReader(session_field)
-    for number, raw in iter_lines(path):
-        try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _bad(number, "not UTF-8 text") from None
-            requests.append(reader.parse(text, number))
-        except UserError as exc:
-            if not skip_bad:
-                raise UserError(f"{path}: {exc}", exc.exit_code) from None
-            skipped.append(SkippedLine(number, str(exc)))
-            if warn is not None:
-                warn(f"{path}: {exc} (skipped)")
+    for item in iter_requests(path, skip_bad, warn, session_field):
+        (skipped if isinstance(item, SkippedLine) else requests).append(item)  # type: ignore[arg-type]
     return requests, skipped

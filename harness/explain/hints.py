@@ -26,7 +26,7 @@ from harness.prefix import common_prefix_len
 class Hint:
     """Why the changed text probably changed: a kind, the two values, and what to do."""
 
-    kind: str  # timestamp | date | uuid | counter | json_key_order | json_serialization
+    kind: str  # timestamp | date | uuid | counter | json_key_order | json_serialization | ... (ADVICE)
     old: str
     new: str
     advice: str
@@ -61,6 +61,8 @@ ADVICE = {
     "message_removed": "a message was removed from the middle of the history (compaction or "
     "truncation?); everything after it is recomputed: compact rarely, and keep the kept part's "
     "start byte-identical",
+    "history_truncated": "the request ends where the one it extends went on (a retry or a rollback "
+    "that dropped the last messages?); resend the whole history, or start from a prefix that was cached",
 }
 
 _HOUR_MINUTE = r"(?P<h>\d{1,2}):(?P<m>\d{2})(?::(?P<s>\d{2})(?:[.,]\d+)?)?"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from harness.explain.formats import (
     LoggedResponse,
     input_items,
 )
+from harness.explain.pieces import PieceTokenizer
+from harness.prefix import common_prefix_len
 
 # Fields of a logged body that are the log's bookkeeping and never reach the prompt, but that
 # vLLM's request models type strictly: ``session_id`` (vLLM's own is a routing hint, a string;
@@ -95,7 +98,9 @@ class ChatRenderer:
         chat_template: Path | None = None,
         trust_request_chat_template: bool = False,
         exclude_tools_when_tool_choice_none: bool = False,
+        pieces: bool = True,
     ) -> None:
+        """``pieces=False`` tokenizes every prompt whole, as the server does (``--tokenize whole``)."""
         import os
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -158,6 +163,37 @@ class ChatRenderer:
             return await original(model_config, tokenizer, conversation, **kwargs)
 
         renderer._apply_chat_template_async = recording
+        # Tokenize only the pieces of the prompt not seen lately (harness.explain.pieces): the
+        # same IDs and offsets as vLLM's own call, checked on a sample of prompts.
+        self.pieces = PieceTokenizer(self.tokenizer, split=pieces)
+        self.notes: list[str] = []  # what the run should say once (e.g. splitting switched off)
+        whole_tokenize = renderer._tokenize_prompt
+        wants_offsets = renderer._wants_offsets
+
+        self.tokenize_seconds = 0.0  # time spent tokenizing (the explainer's --profile)
+
+        async def tokenize(prompt: Any, params: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return pieces(prompt, params)
+            finally:
+                self.tokenize_seconds += time.perf_counter() - start
+
+        def pieces(prompt: Any, params: Any) -> Any:
+            kwargs = params.get_encode_kwargs()
+            if kwargs.get("add_special_tokens") or prompt.get("multi_modal_data"):
+                return whole_tokenize(prompt, params)
+            ids, offsets, note = self.pieces.tokenize(prompt["prompt"])
+            limit = kwargs.get("max_length") if kwargs.get("truncation") else None
+            if limit is not None and len(ids) > limit:
+                return whole_tokenize(prompt, params)  # the tokenizer truncates: let it
+            if note is not None:
+                self.notes.append(note)
+            if wants_offsets(prompt, params):
+                return {"prompt_token_ids": ids, "prompt_token_offsets": offsets, **prompt}
+            return {"prompt_token_ids": ids, **prompt}
+
+        renderer._tokenize_prompt_async = tokenize
         self._loop = asyncio.new_event_loop()
         self._request_cls = ChatCompletionRequest
         self._responses_cls = _with_offsets(ResponsesRequest)
@@ -344,16 +380,29 @@ class ChatRenderer:
         Message k ends where the template's text for the first k + 1 messages ends: exact
         whenever that text is a prefix of the whole prompt (every message keeps its text when
         more follow). A template that rewrites earlier turns moves the end to where the two
-        texts stop agreeing, the closest boundary the text allows.
+        texts stop agreeing, the closest boundary the text allows. The search starts from the
+        last message and widens its steps backwards (a request usually changes, or adds, its
+        last messages), then halves: a few renderings of the template, not one per message.
         """
         char = rendered.char_at(index)
         n = len(rendered.conversation)
-        lo, hi = 0, n  # answer in [lo, hi]; hi == n means "after the last message"
+
+        def end(k: int) -> int:
+            text = self.template_text(rendered, rendered.conversation[: k + 1])
+            return len(text) if rendered.text.startswith(text) else common_prefix_len(text, rendered.text)
+
+        lo, hi = 0, n  # the answer, the first message ending past ``char``, is in [lo, hi]
+        k, step = n - 1, 1
+        while k >= lo:
+            if end(k) > char:
+                hi, k = k, k - step
+                step = step * 2 if hi < n - 2 else 1  # one by one over the last three messages
+            else:
+                lo = k + 1
+                break
         while lo < hi:
             mid = (lo + hi) // 2
-            text = self.template_text(rendered, rendered.conversation[: mid + 1])
-            end = len(text) if rendered.text.startswith(text) else _common_prefix(text, rendered.text)
-            if end > char:
+            if end(mid) > char:
                 hi = mid
             else:
                 lo = mid + 1
@@ -442,14 +491,6 @@ def _with_offsets(responses_request: Any) -> Any:
             return dataclasses.replace(params, return_token_offsets=True)
 
     return ResponsesRequestWithOffsets
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _validation_message(exc: Exception) -> str:

@@ -21,6 +21,12 @@ running the analysis again on the fixed log:
 * a message inserted into the history: appended at the end instead; a message removed: kept;
 * another Unicode normalization: NFC everywhere.
 
+Under ``--provider``, a hosted provider reads the body in its own pieces (``provider_view``): a
+change the local chat template does not render (a rotated tool list, with a template that drops
+tools) is a span of that provider's reading (``provider_spans``): its tokens are the provider's,
+``provider`` and ``piece`` say whose and where, ``usd_lost`` what it cost each provider that reads
+it so. A change both renderings show is one span, the local one, carrying the providers' dollars.
+
 ``breakpoints`` places the cache boundary where the session's stable part ends: Anthropic
 ``cache_control`` positions (at most 4), this project's ``// __CACHE_END__`` marker, and the
 padding that puts the boundary on a vLLM block.
@@ -33,14 +39,14 @@ import json
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.explain.analyze import RequestExplanation
 from harness.explain.formats import OPENAI, ChatRequest
 from harness.explain.hints import _json_values
-from harness.prefix import common_prefix_len
 
-RESYNC = 8  # tokens the two prompts must share again for a span to end
+if TYPE_CHECKING:  # costs imports this module (through provider_view): no import at run time
+    from harness.explain.costs import LogCost
 
 VALUE_KINDS = ("timestamp", "date", "uuid", "counter", "text_inserted")
 FIXES = {
@@ -55,6 +61,7 @@ FIXES = {
     "message_removed": "keep the history: removing a message recomputes everything after it",
     "unicode_normalization": "normalize text to NFC before it enters the prompt",
     "changed_text": "keep this text fixed, or move it after the stable part",
+    "history_truncated": "resend the whole history (append-only) instead of dropping its last messages",
 }
 
 
@@ -72,6 +79,12 @@ class VolatileSpan:
     fix: str
     stable_end_token: int  # where the stable part would end with the span moved out of the prefix
     usd_lost: dict[str, float] = field(default_factory=dict)
+    # The rendering that found it: None for the local chat template (--model), else the hosted
+    # provider ("openai:gpt-4.1") whose own reading of the body holds the change; its tokens then
+    # are that provider's, and ``piece`` names where in the body ("tool 0 'search_code'").
+    provider: str | None = None
+    piece: str | None = None
+    approximate: bool = False  # the provider's token counts are approximate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,80 +100,120 @@ class VolatileSpan:
             "fix": self.fix,
             "stable_end_token": self.stable_end_token,
             "usd_lost": {k: round(v, 6) for k, v in self.usd_lost.items()},
+            "provider": self.provider,
+            "piece": self.piece,
+            "approximate": self.approximate,
         }
 
 
-def resync(new: Sequence[int], old: Sequence[int], start: int) -> tuple[int, int]:
-    """(end in ``new``, end in ``old``): the first place after ``start`` where the two prompts
-    agree again for good: ``RESYNC`` tokens of ``new`` found in ``old`` (after ``start`` there
-    too), from where they agree to the end of ``old``. A reordered JSON object or tool list repeats
-    long runs of the old text in another place; those stop agreeing before the end and do not
-    count. When no place agrees to the end (a second change later on), the longest agreement wins;
-    when there is none, the ends of both."""
-    grams: dict[tuple[int, ...], list[int]] = {}
-    for j in range(start, len(old) - RESYNC + 1):
-        grams.setdefault(tuple(old[j : j + RESYNC]), []).append(j)
-    best, best_run = (len(new), len(old)), 0
-    for i in range(start, len(new) - RESYNC + 1):
-        for j in grams.get(tuple(new[i : i + RESYNC]), ()):
-            run = common_prefix_len(new[i:], old[j:])
-            if j + run == len(old):
-                return i, j
-            if run > best_run:
-                best, best_run = (i, j), run
-    return best
+def fix_for(kind: str) -> str:
+    return FIXES["value"] if kind in VALUE_KINDS else FIXES.get(kind, FIXES["changed_text"])
 
 
-def find_spans(
-    explanations: Sequence[RequestExplanation],
-    decode: Any,
-    usd_lost: dict[int, dict[str, float]] | None = None,
-) -> list[VolatileSpan]:
-    """The volatile spans of the log, most tokens lost first (see the module docstring).
+class SpanCollector:
+    """The volatile spans of a log, gathered break by break as the analysis goes (``add``)."""
 
-    ``usd_lost``: per line, per provider, the dollars its break cost (``costs.price_log``).
-    """
-    by_line = {e.line: e for e in explanations}
-    grouped: dict[tuple[str | None, int | None, str], VolatileSpan] = {}
-    for e in explanations:
+    def __init__(self) -> None:
+        self._grouped: dict[tuple[str | None, int | None, str], VolatileSpan] = {}
+
+    def add(self, e: RequestExplanation, dollars: dict[str, float] | None = None) -> None:
+        """One request; ``dollars``: per provider, what its break cost (``costs.usd_by_line``)."""
         if not e.is_break or e.reference_line is None:
-            continue
-        reference = by_line[e.reference_line]
-        end, ref_end = resync(e.token_ids, reference.token_ids, e.first_divergence)
-        kind = e.hint.kind if e.hint is not None else "changed_text"
+            return
+        kind = e.cause or "changed_text"
         key = (e.session_id, e.message_index, kind)
-        dollars = (usd_lost or {}).get(e.line, {})
-        if key in grouped:
-            span = grouped[key]
-            grouped[key] = replace(
-                span,
-                tokens_lost=span.tokens_lost + e.lost_tokens,
-                occurrences=span.occurrences + 1,
-                usd_lost={
-                    p: span.usd_lost.get(p, 0.0) + dollars.get(p, 0.0) for p in {*span.usd_lost, *dollars}
-                },
-            )
-            continue
-        # With the span moved out, the reference's tokens but the span's would be the stable part.
-        stable = reference.prompt_tokens - (ref_end - e.first_divergence)
-        grouped[key] = VolatileSpan(
+        dollars = dollars or {}
+        if key in self._grouped:
+            self._grouped[key] = _merged(self._grouped[key], e.lost_tokens, dollars)
+            return
+        self._grouped[key] = VolatileSpan(
             session_id=e.session_id,
             line=e.line,
             message_index=e.message_index,
             start_token=e.first_divergence,
-            end_token=end,
+            end_token=e.span_end,
             kind=kind,
             tokens_lost=e.lost_tokens,
             occurrences=1,
             # the hint's value is the whole changed value ("2026-11-27 09:31 UTC"), where the
             # tokens may be one digit of it
-            text=e.hint.new
-            if e.hint is not None and e.hint.new
-            else decode(e.token_ids[e.first_divergence : end]),
-            fix=FIXES["value"] if kind in VALUE_KINDS else FIXES.get(kind, FIXES["changed_text"]),
-            stable_end_token=max(e.first_divergence, stable),
+            text=e.hint.new if e.hint is not None and e.hint.new else e.span_text,
+            fix=fix_for(kind),
+            stable_end_token=e.span_stable_end,
             usd_lost=dict(dollars),
         )
+
+    def spans(self) -> list[VolatileSpan]:
+        """Most tokens lost first."""
+        return sorted(self._grouped.values(), key=lambda s: (-s.tokens_lost, s.line))
+
+
+def find_spans(
+    explanations: Sequence[RequestExplanation], usd_lost: dict[int, dict[str, float]] | None = None
+) -> list[VolatileSpan]:
+    """The volatile spans of the log, most tokens lost first (see the module docstring).
+
+    ``usd_lost``: per line, per provider, the dollars its break cost (``costs.usd_by_line``).
+    """
+    collector = SpanCollector()
+    for e in explanations:
+        collector.add(e, (usd_lost or {}).get(e.line))
+    return collector.spans()
+
+
+def _merged(span: VolatileSpan, tokens: int, dollars: dict[str, float]) -> VolatileSpan:
+    usd = {p: span.usd_lost.get(p, 0.0) + dollars.get(p, 0.0) for p in {*span.usd_lost, *dollars}}
+    return replace(
+        span, tokens_lost=span.tokens_lost + tokens, occurrences=span.occurrences + 1, usd_lost=usd
+    )
+
+
+def provider_spans(costs: Sequence[LogCost]) -> list[VolatileSpan]:
+    """The spans only a hosted provider's own reading of the bodies shows (``costs.Loss``: a break
+    the local rendering does not have, or names otherwise), most tokens lost first.
+
+    The same change found by several providers is one span: its token numbers are in the first
+    provider's tokens (``provider``, in ``--provider`` order), ``usd_lost`` has each provider's
+    dollars. The rest of a provider's losses are the local spans' (``usd_by_line``).
+    """
+    grouped: dict[tuple[str | None, object, str], VolatileSpan] = {}
+    for cost in costs:
+        for loss in cost.losses:
+            change = loss.change
+            if loss.same_as_local or change is None or change.first_divergence is None:
+                continue
+            where = change.part if change.part != "messages" else change.piece.message_index
+            key = (change.session_id, where, loss.cause)
+            dollars = {cost.provider_model: loss.usd}
+            span = grouped.get(key)
+            if span is not None and span.provider == cost.provider_model:
+                grouped[key] = _merged(span, loss.tokens, dollars)  # it recurs
+                continue
+            if span is not None:  # another provider's reading of the same change: its dollars
+                usd = {
+                    **span.usd_lost,
+                    cost.provider_model: span.usd_lost.get(cost.provider_model, 0.0) + loss.usd,
+                }
+                grouped[key] = replace(span, usd_lost=usd)
+                continue
+            hint = change.hint
+            grouped[key] = VolatileSpan(
+                session_id=change.session_id,
+                line=change.line,
+                message_index=change.piece.message_index,
+                start_token=change.first_divergence,
+                end_token=change.end_token if change.end_token is not None else change.first_divergence,
+                kind=loss.cause,
+                tokens_lost=loss.tokens,
+                occurrences=1,
+                text=hint.new if hint is not None and hint.new else change.text,
+                fix=fix_for(loss.cause),
+                stable_end_token=change.stable_end_token or change.first_divergence,
+                usd_lost=dollars,
+                provider=cost.provider_model,
+                piece=change.piece.label,
+                approximate=change.approximate,
+            )
     return sorted(grouped.values(), key=lambda s: (-s.tokens_lost, s.line))
 
 

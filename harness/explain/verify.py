@@ -86,23 +86,22 @@ def salt_for(run: str, scope: str, request: ChatRequest) -> str:
     return f"{salt}-{own}" if own else salt
 
 
-def verify(
-    requests: Sequence[ChatRequest],
-    explanations: Sequence[RequestExplanation],
-    replay: Replay,
-    scope: str,
-    on_request: Callable[[VerifiedRequest], None] | None = None,
-) -> list[VerifiedRequest]:
-    """Send ``requests`` in order (see the module docstring) and keep the engine's counts."""
-    replay.reset()
-    run = f"explain-{secrets.token_hex(6)}"
-    results: list[VerifiedRequest] = []
-    for request, explained in zip(requests, explanations, strict=True):
-        salt = salt_for(run, scope, request)
-        sent = replay.send(request, explained.token_ids, salt)
+class Verifier:
+    """Replays a log request by request (``add``) on a fresh cache (see the module docstring)."""
+
+    def __init__(self, replay: Replay, scope: str) -> None:
+        self.replay = replay
+        self.scope = scope
+        replay.reset()
+        self.run = f"explain-{secrets.token_hex(6)}"
+
+    def add(self, request: ChatRequest, explained: RequestExplanation) -> VerifiedRequest:
+        """``explained`` must keep its tokens (``LogExplainer(keep_tokens=True)``)."""
+        salt = salt_for(self.run, self.scope, request)
+        sent = self.replay.send(request, explained.token_ids, salt)
         if explained.reply_ids:
-            replay.compute([*explained.token_ids, *explained.reply_ids[:-1]], salt)
-        result = VerifiedRequest(
+            self.replay.compute([*explained.token_ids, *explained.reply_ids[:-1]], salt)
+        return VerifiedRequest(
             request.line,
             request.session_id,
             sent.prompt_tokens,
@@ -110,9 +109,22 @@ def verify(
             sent.cached_tokens,
             explained.prompt_tokens,
         )
-        results.append(result)
+
+
+def verify(
+    requests: Sequence[ChatRequest],
+    explanations: Sequence[RequestExplanation],
+    replay: Replay,
+    scope: str,
+    on_request: Callable[[VerifiedRequest], None] | None = None,
+) -> list[VerifiedRequest]:
+    """Send ``requests`` in order (``Verifier``) and keep the engine's counts."""
+    verifier = Verifier(replay, scope)
+    results: list[VerifiedRequest] = []
+    for request, explained in zip(requests, explanations, strict=True):
+        results.append(verifier.add(request, explained))
         if on_request is not None:
-            on_request(result)
+            on_request(results[-1])
     return results
 
 

@@ -35,14 +35,29 @@ Google Gemini (``gemini_implicit``)
     Implicit caching: automatic, no write charge, from a per-model minimum (2,048 or 4,096
     tokens); the cached tokens are billed at the model's cached price. Granularity and lifetime
     are not documented: simulated token by token, never expiring.
+The other providers reuse these families with their own numbers (``docs/providers.md`` has the
+full table): Azure OpenAI the two OpenAI ones; Bedrock ``cachePoint`` checkpoints (Claude, Nova)
+and Alibaba's explicit cache the Anthropic one (Nova without lookback or tool checkpoints, Alibaba
+keeping the last 4 of more markers); Mistral (64-token blocks), xAI (whole leading messages),
+Kimi (paid 5-minute writes) the automatic prefix; Alibaba's implicit cache and Z.ai the
+token-granular one. Alibaba serves a request without a marker from its implicit cache
+(``without_breakpoints``).
+DeepSeek (``prefix_units``)
+    Disk cache of persisted prefix units: the end of each request's input and output, a common
+    prefix seen in two requests, fixed intervals (not stated, not simulated). A request reads only
+    the longest unit it matches *in full*; writes are free.
 vLLM, SGLang (``engine``)
     Self-hosted: the explainer simulates them exactly with the model's own tokenizer. The table
     carries them so a user's ``--prices`` can give them a price for ``price()``.
 
+``--provider openai`` (no model) is the table's default model for that provider (its
+``providers`` section; ``PriceTable.entry("openai")``).
+
 Token counts: OpenAI's text tokens are exact (``bpe-openai``: o200k_base, cl100k_base for the
-old models), its chat framing follows OpenAI's cookbook (3 tokens per message plus the role, 3
-priming the reply) because the real framing is not public. Anthropic and Google have no offline
-tokenizer: their prompts are counted in o200k_base and every result says ``approximate=True``.
+old models; Azure likewise), its chat framing follows OpenAI's cookbook (3 tokens per message
+plus the role, 3 priming the reply) because the real framing is not public. The other providers
+have no offline tokenizer: their prompts are counted in o200k_base and every result says
+``approximate=True``.
 
 A user's prices file (``--prices FILE``) has the shipped table's shape and is merged entry by
 entry; an entry it names takes the user's fields over the shipped ones::
@@ -64,7 +79,7 @@ object (``above_tokens`` plus the same fields) prices the whole request above th
 from __future__ import annotations
 
 from harness.providers.requests import ProviderRequest, ProviderUsage, Segment
-from harness.providers.simulate import simulate
+from harness.providers.simulate import Simulation, simulate
 from harness.providers.table import (
     DEFAULT_TABLE_PATH,
     LongContext,
@@ -87,6 +102,7 @@ __all__ = [
     "ProviderUsage",
     "RuleSet",
     "Segment",
+    "Simulation",
     "count_tokens",
     "load_table",
     "price",

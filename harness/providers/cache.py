@@ -11,9 +11,13 @@ Two kinds of state:
     families (Anthropic, OpenAI GPT-5.6+): an entry exists only where a request wrote one, and a
     lookup only checks the boundaries the rules name.
 ``SequenceStore``
-    Whole prompts seen before. For the automatic prefix families (OpenAI before GPT-5.6, Gemini
-    implicit caching): a hit is the longest common prefix with any live one, rounded to the rule's
-    step.
+    The prompts seen before, as a tree of token chunks. For the automatic prefix families (OpenAI
+    before GPT-5.6, Gemini implicit caching): a hit is the longest common prefix with any live
+    one, rounded to the rule's step.
+
+``UnitStore``
+    Whole prefixes the provider persisted as units (DeepSeek's disk cache): a request is served
+    only the longest unit it matches in full, never a partial one.
 
 Lifetimes: an entry expires ``ttl`` seconds after it was last written or read (a hit refreshes
 it, as every provider here documents); without timestamps nothing expires.
@@ -21,12 +25,12 @@ it, as every provider here documents); without timestamps nothing expires.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from harness.prefix import BlockChain, shared_tokens
 from harness.providers.table import ModelEntry
 from harness.providers.tokens import Prompt
 
@@ -110,56 +114,115 @@ def prefix_digests(tokens: Sequence[int], positions: Iterable[int]) -> dict[int,
     return digests
 
 
-def shared_prefix(a: Sequence[int], b: Sequence[int], chunk: int = 4096) -> int:
-    """Leading tokens ``a`` and ``b`` share: whole chunks compared at C speed, one chunk by hand."""
-    n = min(len(a), len(b))
-    start = 0
-    while start < n:
-        stop = min(n, start + chunk)
-        if a[start:stop] != b[start:stop]:
-            return next(i for i in range(start, stop) if a[i] != b[i])
-        start = stop
-    return n
+class _Chunk:
+    """One chunk of tokens every prompt through it shares, and when the last of them expires."""
+
+    __slots__ = ("block", "entry", "nexts")
+
+    def __init__(self, block: bytes, entry: _Entry) -> None:
+        self.block = block
+        self.entry = entry  # of the prompt through this chunk that stays live the longest
+        self.nexts: dict[bytes, _Entry] = {}  # what followed (a chunk, or a prompt's shorter end)
+
+
+def _expires(entry: _Entry) -> float:
+    if entry.ttl is None or entry.last_used is None:
+        return float("inf")
+    return entry.last_used + entry.ttl
+
+
+def _later(old: _Entry | None, new: _Entry) -> _Entry:
+    return new if old is None or _expires(new) >= _expires(old) else old
 
 
 class SequenceStore:
-    """Every prompt computed before, with when it was last used.
+    """Every prompt computed before, with when it was last used, as a tree of token chunks.
 
-    Kept in sorted order: the sequences sharing the longest prefix with a new prompt sit next to
-    where it would be inserted, and the shared length only shrinks walking away from that point,
-    so a lookup compares a handful of neighbours instead of every prompt of the log.
+    A prompt is cut into chunks of ``CHUNK`` tokens found by a hash chained over every chunk
+    before (``harness.prefix.BlockChain``, as vLLM finds its blocks); each chunk remembers the
+    entry that stays live the longest of the prompts through it, so the live prefix of a new
+    prompt ends where the walk meets the first expired chunk (a chunk's prompts include every
+    prompt through the chunks after it). The exact last tokens come from comparing what followed
+    the last chunk. Memory: one chunk per distinct run of tokens, however many prompts repeat it.
     """
 
+    CHUNK = 64
+
     def __init__(self) -> None:
-        self._sorted: list[tuple[int, ...]] = []
-        self._entries: dict[tuple[int, ...], _Entry] = {}
+        self._chunks: dict[int, _Chunk] = {}
+        self._root: dict[bytes, _Entry] = {}  # what the prompts started with (shorter than a chunk)
+
+    def _path(self, chain: BlockChain) -> list[_Chunk]:
+        path: list[_Chunk] = []
+        for index, key in enumerate(chain.keys):
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.block != chain.block(index):
+                break
+            path.append(chunk)
+        return path
+
+    @staticmethod
+    def _extra(
+        nexts: dict[bytes, _Entry], rest: bytes, now: float | None, live: bool
+    ) -> tuple[int, _Entry | None]:
+        best, found = 0, None
+        for continuation, entry in nexts.items():
+            if live and not entry.live(now):
+                continue
+            shared = shared_tokens(rest, continuation)
+            if shared > best:
+                best, found = shared, entry
+        return best, found
 
     def best(
-        self, tokens: tuple[int, ...], now: float | None
-    ) -> tuple[int, tuple[int, ...] | None, int, _Entry | None]:
-        """(longest live shared prefix, that sequence, longest expired one beyond it, its entry)."""
-        live, live_seq, dead, dead_entry = 0, None, 0, None
-        at = bisect.bisect_left(self._sorted, tokens)
-        for direction in (-1, 1):
-            index = at - 1 if direction < 0 else at
-            while 0 <= index < len(self._sorted):
-                seq = self._sorted[index]
-                shared = shared_prefix(tokens, seq)
-                if shared <= live:
-                    break  # farther sequences share no more than this one
-                entry = self._entries[seq]
-                if entry.live(now):
-                    live, live_seq = shared, seq
-                    break
-                if shared > dead:
-                    dead, dead_entry = shared, entry
-                index += direction
-        return live, live_seq, dead, dead_entry
+        self, tokens: Sequence[int], now: float | None
+    ) -> tuple[int, None, int, _Entry | None]:
+        """(longest live shared prefix, None, longest expired one beyond it, its entry)."""
+        chain = BlockChain(tokens, self.CHUNK)
+        path = self._path(chain)
+        alive = 0
+        while alive < len(path) and path[alive].entry.live(now):
+            alive += 1
+        nexts = path[alive - 1].nexts if alive else self._root
+        extra, _ = self._extra(nexts, chain.block(alive), now, live=True)
+        live = alive * self.CHUNK + extra
+        deepest = path[-1].nexts if path else self._root
+        extra, entry = self._extra(deepest, chain.block(len(path)), now, live=False)
+        dead = len(path) * self.CHUNK + extra
+        if extra == 0 and path:
+            entry = path[-1].entry
+        if dead <= live:
+            return live, None, 0, None
+        return live, None, dead, entry
 
-    def add(self, tokens: tuple[int, ...], now: float | None, ttl: float | None) -> None:
-        if tokens not in self._entries:
-            bisect.insort(self._sorted, tokens)
-        self._entries[tokens] = _Entry(ttl, now)
+    def add(self, tokens: Sequence[int], now: float | None, ttl: float | None) -> None:
+        chain = BlockChain(tokens, self.CHUNK)
+        entry = _Entry(ttl, now)
+        nexts = self._root
+        for index, key in enumerate(chain.keys):
+            block = chain.block(index)
+            nexts[block] = _later(nexts.get(block), entry)
+            chunk = self._chunks.get(key)
+            if chunk is None or chunk.block != block:
+                chunk = self._chunks[key] = _Chunk(block, entry)
+            chunk.entry = _later(chunk.entry, entry)
+            nexts = chunk.nexts
+        tail = chain.block(len(chain.keys))
+        nexts[tail] = _later(nexts.get(tail), entry)
+
+
+class UnitStore(DigestStore):
+    """Persisted prefix units, the lengths they come in, and the prompts seen (for common prefixes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: set[int] = set()
+        self.answered: set[bytes] = set()  # prompt-end units the model answered: their output is a unit too
+        self.prompts = SequenceStore()
+
+    def persist(self, key: bytes, length: int, now: float | None, ttl: float | None) -> None:
+        self.write(key, now, ttl)
+        self.lengths.add(length)
 
 
 # --------------------------------------------------------------------------- Anthropic
@@ -168,7 +231,13 @@ class SequenceStore:
 def anthropic(
     entry: ModelEntry, prompt: Prompt, top_level: str | None, store: DigestStore, now: float | None
 ) -> Outcome:
-    """Explicit ``cache_control`` breakpoints (and the automatic one), 20-block lookback, minimum, TTLs."""
+    """Explicit ``cache_control`` breakpoints (and the automatic one), 20-block lookback, minimum, TTLs.
+
+    The same rule serves the providers that copied it with their own numbers: Bedrock's
+    ``cachePoint`` (Claude: 20-block lookback; Nova: no lookback, no checkpoint on a tool, 5
+    minutes only) and Alibaba's explicit cache (5 minutes only; of more than 4 markers the last 4
+    count, where Anthropic refuses the request).
+    """
     rules = entry.rules
     blocks = prompt.blocks
     notes: list[str] = []
@@ -178,6 +247,9 @@ def anthropic(
             continue
         if block.empty:
             notes.append(f"block {index + 1} is empty: an empty text block cannot be cached")
+            continue
+        if block.kind == "tool" and not rules.tool_breakpoints:
+            notes.append(f"a breakpoint on tool definition {index + 1}: not accepted there, ignored")
             continue
         markers.append((index, block.cache_control))
     filled = [index for index, block in enumerate(blocks) if not block.empty]
@@ -198,12 +270,18 @@ def anthropic(
             )
         else:
             markers.append((last, top_level))
-    if len(markers) > rules.max_breakpoints:
+    if len(markers) > rules.max_breakpoints and rules.excess_breakpoints == "keep_last":
+        notes.append(f"{len(markers)} breakpoints: only the last {rules.max_breakpoints} take effect")
+        markers = markers[-rules.max_breakpoints :]
+    elif len(markers) > rules.max_breakpoints:
         notes.append(
             f"{len(markers)} breakpoints: the API refuses more than {rules.max_breakpoints} "
             f"(simulated with the first {rules.max_breakpoints})"
         )
         markers = markers[: rules.max_breakpoints]
+    if any(ttl not in rules.ttl_by_label for _, ttl in markers):
+        notes.append("a 1h breakpoint where only 5-minute caching is offered: written for 5 minutes")
+        markers = [(index, ttl if ttl in rules.ttl_by_label else "5m") for index, ttl in markers]
     ttls = [ttl for _, ttl in markers]
     if "5m" in ttls and "1h" in ttls[ttls.index("5m") :]:
         notes.append("a 1h breakpoint after a 5m one: the API wants longer TTLs first")
@@ -343,28 +421,127 @@ def openai_breakpoints(
 
 
 def automatic_prefix(entry: ModelEntry, prompt: Prompt, store: SequenceStore, now: float | None) -> Outcome:
-    """OpenAI before GPT-5.6 and Gemini implicit caching: the longest common prefix, in steps, from a minimum.
+    """The automatic prefix families: the longest prefix shared with a live earlier prompt, from a minimum.
+
+    Rounded down to the rule's step (OpenAI before GPT-5.6: 128; Mistral: 64-token blocks), or to
+    the last whole message inside it (xAI: "messages at the beginning that match exactly"). Writes
+    are free, except where the provider bills them (Kimi: the uncached rest of a prompt from the
+    minimum on is written at ``write_ttl``).
     """
     rules = entry.rules
-    step, minimum = rules.interval, entry.min_tokens
+    minimum = entry.min_tokens
+    message_ends = [block.end for block in prompt.blocks if block.closes_message]
+
+    def usable(shared: int) -> int:
+        """Shared tokens the rule can serve: whole steps, whole messages, from the minimum."""
+        if rules.boundary == "message":
+            shared = max((end for end in message_ends if end <= shared), default=0)
+        shared = rules.interval * (shared // rules.interval)
+        return shared if shared >= minimum else 0
+
     live, _, dead, dead_entry = store.best(prompt.tokens, now)
-    cached = step * (live // step)
-    if cached < minimum:
-        cached = 0
+    cached = usable(live)
     notes: list[str] = []
     if prompt.length < minimum:
         notes.append(f"below the {minimum:,}-token minimum: nothing cached")
-    elif dead_entry is not None and step * (dead // step) > cached and step * (dead // step) >= minimum:
+    elif dead_entry is not None and usable(dead) > cached:
         last_used, ttl = dead_entry.last_used, dead_entry.ttl
         if now is not None and last_used is not None and ttl is not None:
             notes.append(_expired_note(now, last_used, ttl))
+    writes: dict[str, int] = {}
+    if rules.write_ttl is not None and prompt.length >= minimum and prompt.length > cached:
+        writes[rules.write_ttl] = prompt.length - cached
 
     def commit() -> None:
         # Reuse refreshes what was reused: this prompt starts with exactly that prefix and is stored
         # as used now, while the older prompt's unshared tail keeps its own age.
         store.add(prompt.tokens, now, rules.ttl_seconds)
 
-    return Outcome(cached, {}, tuple(notes), commit)
+    return Outcome(cached, writes, tuple(notes), commit)
+
+
+# --------------------------------------------------------------------------- DeepSeek units
+
+
+def _answer_ends(prompt: Prompt) -> dict[int, int]:
+    """Start of each assistant message -> its end: where a re-sent reply would end an output unit."""
+    ends: dict[int, int] = {}
+    start = 0
+    for index, block in enumerate(prompt.blocks):
+        if block.role == "assistant" and (index == 0 or prompt.blocks[index - 1].closes_message):
+            start = prompt.blocks[index - 1].end if index else 0
+        if block.role == "assistant" and block.closes_message:
+            ends[start] = block.end
+    return ends
+
+
+def prefix_units(
+    entry: ModelEntry, prompt: Prompt, output_tokens: int, store: UnitStore, now: float | None
+) -> Outcome:
+    """DeepSeek's disk cache: a request reads the longest persisted unit it matches in full.
+
+    Units are persisted at the end of each request's input and of its output (an earlier reply
+    re-sent as the assistant message right after that input, unchanged, ends there), at a prefix
+    two requests were seen to share (so the *third* request reads it), and every ``interval``
+    tokens of a long prompt when the rule set gives the interval (DeepSeek does not). Writes are
+    free; reads are the model's cache-hit price.
+    """
+    rules = entry.rules
+    if not prompt.length:
+        return Outcome(0, {}, (), _nothing)
+    answers = _answer_ends(prompt)
+    positions = {n for n in store.lengths if n <= prompt.length} | set(answers) | {prompt.length}
+    digests = prefix_digests(prompt.tokens, positions)
+    output_keys = prefix_digests(prompt.tokens, answers.values())
+    units: dict[int, tuple[bytes, _Entry]] = {}  # length -> (key, entry) of every unit this prompt matches
+    for length in store.lengths & digests.keys():
+        found = store.get(digests[length])
+        if found is not None:
+            units[length] = (digests[length], found)
+    for start, end in answers.items():
+        key = digests.get(start)  # a reply at the very start answers no input: no key, no unit
+        answered = store.get(key) if key is not None and key in store.answered else None
+        if answered is not None and end not in units:
+            # The reply re-sent unchanged ends the output unit persisted with the input it answered.
+            units[end] = (output_keys[end], store.get(output_keys[end]) or answered)
+    best, best_key, expired = 0, None, None
+    for length in sorted(units, reverse=True):
+        key, found = units[length]
+        if found.live(now):
+            best, best_key = length, key
+            break
+        expired = expired or found
+    if best < entry.min_tokens:
+        best, best_key = 0, None
+    notes: list[str] = []
+    if expired is not None and now is not None:
+        assert expired.last_used is not None and expired.ttl is not None
+        notes.append(_expired_note(now, expired.last_used, expired.ttl))
+    shared, _, _, _ = store.prompts.best(prompt.tokens, now)
+    if shared > best:
+        notes.append(
+            f"shares {shared:,} tokens with an earlier prompt, but no persisted unit ends there: "
+            "persisted now as a common prefix, so a later request can read it"
+        )
+    fixed = range(rules.interval, prompt.length + 1, rules.interval) if rules.interval else range(0)
+
+    def commit() -> None:
+        ttl = rules.ttl_seconds
+        if best_key is not None:
+            if store.get(best_key) is None:
+                store.persist(best_key, best, now, ttl)  # an output unit, now known by its own key
+            store.touch(best_key, now)
+        persisted = {prompt.length: digests[prompt.length]}
+        if shared > best:
+            persisted[shared] = prefix_digests(prompt.tokens, [shared])[shared]
+        persisted.update(prefix_digests(prompt.tokens, fixed))
+        for length, key in persisted.items():
+            store.persist(key, length, now, ttl)
+        if output_tokens > 0:
+            store.answered.add(digests[prompt.length])
+        store.prompts.add(prompt.tokens, now, ttl)
+
+    return Outcome(best, {}, tuple(notes), commit)
 
 
 def no_caching(entry: ModelEntry) -> Outcome:

@@ -83,3 +83,6 @@ class ProviderUsage:
     cost_if_extended_usd: float | None  # had it kept its reference's tokens unchanged (append-only)
     approximate: bool  # token counts approximate (no offline tokenizer for that provider)
     notes: tuple[str, ...]
+    # Tokens read from cache had it kept its reference's tokens (== cached_tokens when it did):
+    # the difference is what a break cost in tokens, next to cost_if_extended_usd in dollars.
+    cached_if_extended_tokens: int | None = None

@@ -10,6 +10,10 @@ Two kinds of entries, both keyed by name:
     ``"provider:model"`` -> which rule set, the model's own minimum when it has one, the tokenizer
     to count with, and list prices in USD per million tokens. ``"provider:*"`` matches any model
     of that provider (the self-hosted engines).
+``providers``
+    ``"provider"`` -> its ``default`` model (and ``why`` that one): what ``--provider openai``
+    means when no model is named. The defaults of OpenAI, Anthropic and Gemini are also what
+    ``--provider all`` prices.
 
 A user file has the same shape. It is merged entry by entry: a model or rule set it names gets
 the user's fields over the shipped ones (so ``{"models": {"vllm:*": {"price": {...}}}}`` only
@@ -22,15 +26,28 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
 
 DEFAULT_TABLE_PATH = Path(__file__).resolve().parent.parent / "data" / "providers.json"
-FAMILIES = ("openai_breakpoints", "openai_prefix", "anthropic", "gemini_implicit", "engine", "none")
+USER_SECTIONS = ("models", "rule_sets", "providers")
+FAMILIES = (
+    "openai_breakpoints",
+    "openai_prefix",
+    "anthropic",
+    "gemini_implicit",
+    "prefix_units",
+    "engine",
+    "none",
+)
+# Families whose caches are separated by prompt_cache_key unless the rule set says otherwise.
+KEYED_BY_DEFAULT = ("openai_breakpoints", "openai_prefix")
 FRAMINGS = ("openai_chat", "none")
+BOUNDARIES = ("token", "message")  # automatic prefixes: a hit ends anywhere, or only at a message end
+EXCESS_BREAKPOINTS = ("refuse", "keep_last")  # more breakpoints than allowed: a 400, or the last ones count
 PRICE_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
 TOKENS_PER_MILLION = 1_000_000
 # Write TTLs a caller may name; "30m" is OpenAI GPT-5.6+'s only lifetime and is billed like a 5m write.
@@ -65,7 +82,7 @@ class RuleSet:
     family: str
     framing: str  # "openai_chat": OpenAI's per-message tokens are counted; "none": text only
     min_tokens: int  # the rule set's minimum; a model entry may override it
-    interval: int  # openai_prefix: cached tokens come in steps of this many
+    interval: int  # automatic prefixes: hits in steps of this many; prefix_units: unit spacing (0: none)
     ttl_seconds: float | None  # None: nothing expires
     ttl_by_label: Mapping[str, float]  # anthropic: {"5m": 300, "1h": 3600}
     max_breakpoints: int
@@ -75,10 +92,27 @@ class RuleSet:
     explicit_first: int
     explicit_latest: int
     block_size: int | None  # engines: tokens per cache block (None: from the engine)
+    keyed: bool  # requests with different prompt_cache_key never share a cache
+    boundary: str  # automatic prefixes: "token", or "message" (a hit ends at a message end)
+    write_ttl: str | None  # automatic prefixes with paid writes: the write label ("5m"); None: free
+    read_ratio: float | None  # cache reads cost this x the input price when the model lists no cache_read
+    write_ratio: float | None  # cache writes likewise, when the model lists no cache_write
+    excess_breakpoints: str  # anthropic family: "refuse" (a 400; the first ones simulated) or "keep_last"
+    tool_breakpoints: bool  # anthropic family: a breakpoint may sit on a tool definition
+    without_breakpoints: str | None  # the rule set a request without any breakpoint is served by
     source: str
     read: str
     notes: str
     unverified: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """What ``--provider NAME`` means without a model: the table's default model for that provider."""
+
+    name: str
+    default: str | None  # "provider:model", or None (self-hosted engines, a user's own provider)
+    why: str
 
 
 @dataclass(frozen=True)
@@ -105,21 +139,54 @@ class PriceTable:
     models: Mapping[str, ModelEntry]
     rule_sets: Mapping[str, RuleSet]
     files: tuple[Path, ...]  # the shipped table, then the user's file if any
+    providers: Mapping[str, ProviderInfo]  # provider -> its default model
 
     def known(self) -> tuple[str, ...]:
         return tuple(sorted(self.models))
 
-    def entry(self, provider_model: str) -> ModelEntry:
-        """The entry for ``provider:model``, falling back to ``provider:*``."""
-        provider, sep, model = provider_model.partition(":")
-        if not sep or not provider or not model:
+    def provider_names(self) -> tuple[str, ...]:
+        return tuple(sorted({key.partition(":")[0] for key in self.models} | set(self.providers)))
+
+    def models_of(self, provider: str) -> tuple[str, ...]:
+        return tuple(key for key in self.known() if key.partition(":")[0] == provider)
+
+    def entry(self, name: str) -> ModelEntry:
+        """The entry for ``provider:model`` (falling back to ``provider:*``), or a provider's default model.
+
+        ``openai`` alone is the table's default OpenAI model; the entry's ``key`` names it.
+        """
+        provider, sep, model = name.partition(":")
+        if not sep:
+            return self._default(name)
+        if not provider or not model:
+            raise UserError(f"expected 'provider' or 'provider:model', got '{name}'")
+        found = self.models.get(name) or self.models.get(f"{provider}:*")
+        if found is not None:
+            return found
+        if provider not in self.provider_names():
+            raise self._unknown_provider(provider)
+        models = ", ".join(self.models_of(provider))
+        raise UserError(f"unknown provider/model '{name}'; {provider} models: {models}")
+
+    def _default(self, provider: str) -> ModelEntry:
+        info = self.providers.get(provider)
+        if info is not None and info.default is not None:
+            return self.models[info.default]
+        wildcard = self.models.get(f"{provider}:*")
+        if wildcard is not None:
+            return wildcard
+        if provider in self.provider_names():
             raise UserError(
-                f"expected 'provider:model', got '{provider_model}'; known: {', '.join(self.known())}"
+                f"provider '{provider}' has no default model in the table; name one: "
+                f"{', '.join(self.models_of(provider))}"
             )
-        found = self.models.get(provider_model) or self.models.get(f"{provider}:*")
-        if found is None:
-            raise UserError(f"unknown provider/model '{provider_model}'; known: {', '.join(self.known())}")
-        return found
+        raise self._unknown_provider(provider)
+
+    def _unknown_provider(self, provider: str) -> UserError:
+        names = ", ".join(self.provider_names())
+        return UserError(
+            f"unknown provider '{provider}'; providers: {names} (or provider:model, see docs/providers.md)"
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,19 +198,26 @@ def load_table(path: Path | None = None) -> PriceTable:
     files = [DEFAULT_TABLE_PATH]
     origin_models = dict.fromkeys(_section(shipped, "models", DEFAULT_TABLE_PATH), DEFAULT_TABLE_PATH)
     origin_rules = dict.fromkeys(_section(shipped, "rule_sets", DEFAULT_TABLE_PATH), DEFAULT_TABLE_PATH)
+    origin_providers = dict.fromkeys(_section(shipped, "providers", DEFAULT_TABLE_PATH), DEFAULT_TABLE_PATH)
     models = dict(_section(shipped, "models", DEFAULT_TABLE_PATH))
     rule_sets = dict(_section(shipped, "rule_sets", DEFAULT_TABLE_PATH))
+    providers = dict(_section(shipped, "providers", DEFAULT_TABLE_PATH))
     if path is not None:
         path = Path(path)
         user = _read_json(path)
-        unknown = sorted(set(user) - {"schema", "about", "models", "rule_sets"})
+        unknown = sorted(set(user) - {"schema", "about", *USER_SECTIONS})
         if unknown:
             raise UserError(
-                f"{path}: unknown top-level key '{unknown[0]}' (expected 'models' and/or 'rule_sets')"
+                f"{path}: unknown top-level key '{unknown[0]}' "
+                "(expected 'models', 'rule_sets' and/or 'providers')"
             )
-        if "models" not in user and "rule_sets" not in user:
-            raise UserError(f"{path}: no 'models' or 'rule_sets' to add")
-        sections = ((models, origin_models, "models"), (rule_sets, origin_rules, "rule_sets"))
+        if not set(user) & set(USER_SECTIONS):
+            raise UserError(f"{path}: no 'models', 'rule_sets' or 'providers' to add")
+        sections = (
+            (models, origin_models, "models"),
+            (rule_sets, origin_rules, "rule_sets"),
+            (providers, origin_providers, "providers"),
+        )
         for target, origin, section in sections:
             for name, fields in _section(user, section, path).items():
                 if not isinstance(fields, dict):
@@ -153,10 +227,18 @@ def load_table(path: Path | None = None) -> PriceTable:
                 origin[name] = path
         files.append(path)
     built_rules = {name: _rule_set(name, raw, origin_rules[name]) for name, raw in rule_sets.items()}
+    for name, built in built_rules.items():
+        if built.without_breakpoints is not None and built.without_breakpoints not in built_rules:
+            known = ", ".join(sorted(built_rules))
+            where = f"rule_sets.{name}.without_breakpoints"
+            raise _bad(origin_rules[name], where, f"names no rule set ({known})")
     built_models = {
         name: _model(name, raw, built_rules, origin_models[name]) for name, raw in models.items()
     }
-    return PriceTable(built_models, built_rules, tuple(files))
+    built_providers = {
+        name: _provider(name, raw, built_models, origin_providers[name]) for name, raw in providers.items()
+    }
+    return PriceTable(built_models, built_rules, tuple(files), built_providers)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -216,6 +298,20 @@ def _text(value: Any, path: Path, where: str) -> str:
     return value
 
 
+def _flag(value: Any, path: Path, where: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(path, where, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], path: Path, where: str) -> str:
+    if value not in choices:
+        raise _bad(path, where, f"must be one of {', '.join(choices)}, got {json.dumps(value)}")
+    return str(value)
+
+
 def _strings(value: Any, path: Path, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -246,14 +342,24 @@ def _rule_set(name: str, raw: Mapping[str, Any], path: Path) -> RuleSet:
         ttl_seconds = None
     else:
         ttl_seconds = _number(ttl, path, f"{where}.ttl_seconds")
-    interval = _count(raw.get("interval"), path, f"{where}.interval", 1)
-    if interval == 0:
+    interval = _count(raw.get("interval"), path, f"{where}.interval", 0 if family == "prefix_units" else 1)
+    if interval == 0 and family != "prefix_units":
         raise _bad(path, f"{where}.interval", "must be at least 1")
+    boundary = _choice(raw.get("boundary", "token"), BOUNDARIES, path, f"{where}.boundary")
+    excess = _choice(
+        raw.get("excess_breakpoints", "refuse"), EXCESS_BREAKPOINTS, path, f"{where}.excess_breakpoints"
+    )
+    write_ttl = raw.get("write_ttl")
+    if write_ttl is not None:
+        write_ttl = _choice(write_ttl, WRITE_TTLS, path, f"{where}.write_ttl")
     block_size = raw.get("block_size")
     if block_size is not None:
         block_size = _count(block_size, path, f"{where}.block_size", 1)
-    if family == "anthropic" and set(ttl_by_label) != {"5m", "1h"}:
-        raise _bad(path, f"{where}.ttl_seconds", 'must give seconds for both "5m" and "1h"')
+    if family == "anthropic" and ("5m" not in ttl_by_label or not set(ttl_by_label) <= {"5m", "1h"}):
+        raise _bad(path, f"{where}.ttl_seconds", 'must give seconds for "5m" (and "1h" where offered)')
+    without = raw.get("without_breakpoints")
+    if without is not None and not isinstance(without, str):
+        raise _bad(path, f"{where}.without_breakpoints", f"must name a rule set, got {json.dumps(without)}")
     return RuleSet(
         name=name,
         family=family,
@@ -271,6 +377,14 @@ def _rule_set(name: str, raw: Mapping[str, Any], path: Path) -> RuleSet:
         explicit_first=_count(raw.get("explicit_first"), path, f"{where}.explicit_first", 2),
         explicit_latest=_count(raw.get("explicit_latest"), path, f"{where}.explicit_latest", 50),
         block_size=block_size,
+        keyed=_flag(raw.get("keyed"), path, f"{where}.keyed", family in KEYED_BY_DEFAULT),
+        boundary=boundary,
+        write_ttl=write_ttl,
+        read_ratio=_number(raw.get("read_ratio"), path, f"{where}.read_ratio"),
+        write_ratio=_number(raw.get("write_ratio"), path, f"{where}.write_ratio"),
+        excess_breakpoints=excess,
+        tool_breakpoints=_flag(raw.get("tool_breakpoints"), path, f"{where}.tool_breakpoints", True),
+        without_breakpoints=without,
         source=_text(raw.get("source"), path, f"{where}.source"),
         read=_text(raw.get("read"), path, f"{where}.read"),
         notes=_text(raw.get("notes"), path, f"{where}.notes"),
@@ -328,14 +442,50 @@ def _model(name: str, raw: Mapping[str, Any], rule_sets: Mapping[str, RuleSet], 
     )
 
 
+def _provider(name: str, raw: Any, models: Mapping[str, ModelEntry], path: Path) -> ProviderInfo:
+    where = f"providers.{name}"
+    if not isinstance(raw, dict):
+        raise _bad(path, where, "must be an object with a default model")
+    if ":" in name or not name:
+        raise _bad(path, where, "must be a provider name without ':'")
+    default = raw.get("default")
+    key = None
+    if default is not None:
+        if not isinstance(default, str) or not default:
+            raise _bad(path, f"{where}.default", f"must be a model name, got {json.dumps(default)}")
+        key = f"{name}:{default}"
+        if key not in models:
+            raise _bad(path, f"{where}.default", f"names no model '{key}' in the table")
+    return ProviderInfo(name, key, _text(raw.get("why"), path, f"{where}.why"))
+
+
 # --------------------------------------------------------------------------- prices
 
 
 def rates_for(entry: ModelEntry, prompt_tokens: int) -> Prices | None:
-    """The prices one request pays: the long-context row applies to the whole request above its threshold."""
+    """The prices one request pays: the long-context row applies to the whole request above its threshold.
+
+    A rule set's ``read_ratio``/``write_ratio`` price cache reads/writes as a multiple of the input
+    price where the model lists none (Alibaba: explicit-cache reads at 10% of input, implicit-cache
+    reads at 20%, for the same model).
+    """
+    rates = entry.prices
     if entry.long_context is not None and prompt_tokens > entry.long_context.above_tokens:
-        return entry.long_context.prices
-    return entry.prices
+        rates = entry.long_context.prices
+    if rates is None:
+        return None
+    rules = entry.rules
+
+    def derived(listed: float | None, ratio: float | None) -> float | None:
+        if listed is not None or ratio is None or rates is None or rates.input is None:
+            return listed
+        return ratio * rates.input
+
+    return replace(
+        rates,
+        cache_read=derived(rates.cache_read, rules.read_ratio),
+        cache_write=derived(rates.cache_write, rules.write_ratio),
+    )
 
 
 def cost_of(

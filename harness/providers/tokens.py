@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,9 +81,11 @@ class Block:
     empty: bool  # no text: Anthropic cannot cache an empty text block
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prompt:
-    tokens: tuple[int, ...]
+    """A laid-out prompt: its tokens (4 bytes each: a log holds many long prompts) and pieces."""
+
+    tokens: array[int]
     blocks: tuple[Block, ...]
 
     @property
@@ -144,7 +147,7 @@ def layout(entry: ModelEntry, segments: Sequence[Segment]) -> Prompt:
     if framed:
         # The reply is primed after the last message; not a piece of its own, never a breakpoint.
         tokens += [MESSAGE_START, *encode(entry.encoding, "assistant"), MESSAGE_CONTENT]
-    return Prompt(tuple(tokens), tuple(blocks))
+    return Prompt(array("i", tokens), tuple(blocks))
 
 
 def extended(reference: Prompt, prompt: Prompt) -> Prompt:

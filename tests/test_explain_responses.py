@@ -24,6 +24,7 @@ from conftest import TOOLS_TEMPLATE, run_script, validate
 from harness.errors import UserError
 from harness.explain import explain_requests, parse_record, read_requests
 from harness.explain.formats import RESPONSES, ChatRequest
+from harness.explain.provider_view import segments_of
 from harness.explain.render import ChatRenderer
 from harness.servers import ServerProcess
 
@@ -222,6 +223,31 @@ def test_malformed_responses_bodies_are_one_error_each(body: dict[str, Any], mes
         parse_record(json.dumps(body), 4)
     assert str(info.value).startswith("line 4: ")
     assert message in str(info.value)
+
+
+def test_a_hosted_api_reads_the_whole_chain() -> None:
+    """Under --provider the chain is read as OpenAI documents it: the earlier input and *all* the
+    earlier output (vLLM keeps only the output's messages), the earlier instructions dropped."""
+    first = parse_record(
+        json.dumps(
+            {
+                "request": {"instructions": "Old rules.", "input": "One."},
+                "response": response(
+                    "resp_h1", text_item("A."), call_item("call_7", "read_file", {"path": "a"})
+                ),
+            }
+        ),
+        1,
+    )
+    second = parse_record(
+        json.dumps({"instructions": "New rules.", "input": "Two.", "previous_response_id": "resp_h1"}),
+        2,
+        earlier={"resp_h1": first},
+    )
+    texts = [segment.text for segment in segments_of(second)]
+    assert texts[0] == "New rules." and "Old rules." not in texts
+    assert texts[1:3] == ["One.", "A."] and "call_7" in texts[3] and texts[4] == "Two."
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "assistant", "user"]
 
 
 # --------------------------------------------------------------------------- rendering

@@ -767,7 +767,7 @@ def test_parse_reads_usage_and_timestamps() -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
         ('{"prompt": "hi"}', 'no "messages" list'),
-        ('{"input": "hi", "model": "gpt"}', "Responses API"),
+        ('{"input": ["hi"], "model": "gpt"}', "input item 0 is not an object"),
         ('{"messages": []}', '"messages" is empty'),
         ('{"messages": [{"content": "hi"}]}', 'message 0 has no "role" string'),
         ('{"messages": [{"role": "user", "content": ["a"]}]}', 'message 0 (user) has no "content"'),

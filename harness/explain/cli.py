@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "requests",
         type=Path,
-        help="JSONL file, one request per line in the order sent: an OpenAI Chat Completions or "
-        'Anthropic Messages body, bare or with its response ({"request": ..., "response": ...}, '
-        "batch files, gateway logs); see harness/explain/formats.py",
+        help="JSONL file, one request per line in the order sent: an OpenAI Chat Completions, "
+        "OpenAI Responses or Anthropic Messages body, bare or with its response "
+        '({"request": ..., "response": ...}, batch files, gateway logs); see harness/explain/formats.py',
     )
     parser.add_argument(
         "--model",
@@ -369,7 +369,9 @@ def run(args: argparse.Namespace) -> int:
         from harness.explain.verify import EngineReplay, ServerReplay, Verifier
 
         if server is not None:
-            replay: object = ServerReplay(server.base, server.model, server.block_size, server.api_key)
+            replay: object = ServerReplay(
+                server.base, server.model, server.block_size, server.api_key, renderer
+            )
         else:
             from harness.backend import OfflineBackend
 

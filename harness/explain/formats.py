@@ -9,31 +9,60 @@ Request bodies:
 * **OpenAI Chat Completions** (``{"messages": [...], "tools": [...], ...}``): string content or
   content parts, ``tool_calls`` with ``"content": null``, ``tool`` messages with
   ``tool_call_id``, ``name``, ``developer`` messages.
+* **OpenAI Responses** (``{"instructions": ..., "input": "..." | [items], "tools": [...],
+  "previous_response_id": ...}``, what OpenAI's Agents SDK and Codex-style CLIs send): ``input``
+  items ``message`` (``input_text``/``output_text`` parts, or a string), ``function_call``,
+  ``function_call_output``, ``reasoning``, ``custom_tool_call``; flat function tools
+  (``{"type": "function", "name", "parameters"}``); ``tool_choice``. ``previous_response_id``
+  is resolved the way vLLM's ``/v1/responses`` resolves it: the earlier record of this log whose
+  response has that ``id`` supplies its request's messages and that response's output items
+  (``render`` does the rest through vLLM's own code). The request inherits that record's session
+  when it names none of its own.
 * **Anthropic Messages** (``{"system": ..., "messages": [...], "max_tokens": N, ...}``): system
   as a string or text blocks, content blocks ``text``, ``image``, ``tool_use``,
   ``tool_result``, ``thinking``, ``tools`` with ``input_schema``, ``cache_control``.
 
-A body is Anthropic when something only Anthropic has is there (a top-level ``system`` or
-``cache_control``, a ``tool_use``/``tool_result`` block, a tool with ``input_schema``, a wrapper
-URL ending in ``/v1/messages``), OpenAI when something only OpenAI has is there (``system``,
-``developer`` or ``tool`` roles, ``tool_calls``, ``image_url`` parts, a tool with
-``function``); plain user/assistant text renders the same either way and is read as OpenAI.
+A body without ``messages`` but with ``input`` is a Responses body (so is any body wrapped with
+a URL ending in ``/responses``). A ``messages`` body is Anthropic when something only Anthropic
+has is there (a top-level ``system`` or ``cache_control``, a ``tool_use``/``tool_result`` block,
+a tool with ``input_schema``, a wrapper URL ending in ``/v1/messages``), OpenAI when something
+only OpenAI has is there (``system``, ``developer`` or ``tool`` roles, ``tool_calls``,
+``image_url`` parts, a tool with ``function``); plain user/assistant text renders the same
+either way and is read as OpenAI.
 
-Wrappers (the request and, when there, its response):
+Responses (when the record has one): Chat Completions ``choices[0].message`` with
+``usage.prompt_tokens`` and ``usage.prompt_tokens_details.cached_tokens``; Anthropic ``content``
+blocks with ``usage.input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``;
+Responses (``"object": "response"``) ``output`` items with ``usage.input_tokens``,
+``usage.input_tokens_details.cached_tokens`` (and ``cache_write_tokens`` where reported).
 
-========================================  ==============================================
-record                                     seen in
-========================================  ==============================================
-``{"request": B, "response": R}``          hand-written logs, Portkey (``request.body``)
-``{"messages": ..., "response": R}``       LiteLLM's standard logging payload
-``{"body": B, "url": ..., "custom_id"}``   OpenAI Batch API input files
-``{"params": B, "custom_id": ...}``        Anthropic Message Batches
-``{"reqPayload": B, "respPayload": R}``    OpenPipe (payloads may be JSON strings)
-``{"providerRequest": {"json": B}, ...}``  Helicone's async log
-========================================  ==============================================
+Wrappers (the request and, when there, its response). *Recorded* means a fixture written by the
+real tool is read in the tests; *documentation* means the shape was built from the tool's
+documentation only, without a real export to check it against:
 
-``session_id`` is read from the record, the body or ``metadata`` (another field name with
-``--session-field``); a timestamp from ``timestamp``, ``created_at``, ``startTime``,
+==========================================  ======================================  ===============
+record                                       seen in                                 built from
+==========================================  ======================================  ===============
+``{"request": B, "response": R}``            hand-written logs, proxies               recorded
+``{"messages", "model_parameters",           LiteLLM's standard logging payload       recorded
+"response", "trace_id", ...}``               (``standard_logging_object``)            (litellm 1.110.2)
+``{"body": B, "url": ..., "custom_id"}``     OpenAI Batch API input files             documentation
+``{"params": B, "custom_id": ...}``          Anthropic Message Batches                documentation
+``{"request": {"body": B}, "response"}``     Portkey                                  documentation
+``{"reqPayload": B, "respPayload": R}``      OpenPipe (payloads may be JSON strings)  documentation
+``{"providerRequest": {"json": B}, ...}``    Helicone's async log                     documentation
+==========================================  ======================================  ===============
+
+LiteLLM keeps only ``messages`` at the top of its payload: ``tools``, ``tool_choice`` and every
+other request parameter are in ``model_parameters`` (merged back into the body here; an
+``extra_body`` there is merged as the OpenAI SDK sends it), and the session in ``trace_id``
+(from ``litellm_session_id``, ``litellm_trace_id`` or ``metadata["session_id"]``): its own
+``session_id`` is empty unless ``litellm.request_correlation_in_logs`` is on. A call made
+without any of them gets a fresh ``trace_id``, i.e. a session of its own.
+
+The session is read from ``session_id`` in the record, the body or ``metadata`` (another field
+name with ``--session-field``), a string or a number (an empty string is no session), then from
+LiteLLM's ``trace_id``; a timestamp from ``timestamp``, ``created_at``, ``startTime``,
 ``requestedAt``, Helicone's ``timing`` (Unix seconds or milliseconds, or ISO 8601).
 """
 
@@ -41,8 +70,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +83,8 @@ from harness.explain.diagnostics import ProviderDiagnostics, read_diagnostics
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
+RESPONSES = "responses"  # OpenAI's Responses API (/v1/responses)
+FORMATS = (OPENAI, ANTHROPIC, RESPONSES)
 
 ANTHROPIC_BLOCKS = {"tool_use", "tool_result", "thinking", "redacted_thinking", "document", "tool_reference"}
 OPENAI_PARTS = {"image_url", "input_audio", "file", "refusal", "video_url", "audio_url"}
@@ -81,7 +112,7 @@ class LoggedUsage:
 
     prompt_tokens: int | None  # all prompt tokens (Anthropic: input + cache read + cache write)
     cached_tokens: int | None  # served from cache (OpenAI cached_tokens; Anthropic cache_read)
-    cache_write_tokens: int | None  # Anthropic cache_creation_input_tokens
+    cache_write_tokens: int | None  # Anthropic cache_creation_input_tokens; Responses cache_write_tokens
     output_tokens: int | None
 
 
@@ -89,13 +120,15 @@ class LoggedUsage:
 class LoggedResponse:
     """The reply a request got: the assistant message it adds to the conversation."""
 
-    message: dict[str, Any]  # in the request body's own format (OpenAI message / Anthropic message)
+    message: dict[str, Any]  # OpenAI message / Anthropic message; Responses: the output's text
     finish_reason: str | None  # "stop", "length", "tool_calls"; Anthropic stop_reason mapped
     token_ids: list[int] | None  # the generated token IDs, when the server returned them
     usage: LoggedUsage | None
     # Its id, model and URL, and the provider's own cache-miss diagnosis when it has one
     # (harness/explain/diagnostics.py): filled by parse_record from the raw response, any format.
     diagnostics: ProviderDiagnostics | None = None
+    response_id: str | None = None  # Responses: the id a later previous_response_id names
+    output: list[dict[str, Any]] | None = None  # Responses: the output items as logged
 
 
 @dataclass(frozen=True)
@@ -104,14 +137,17 @@ class ChatRequest:
 
     line: int  # 1-based line number in the file
     body: dict[str, Any]  # the request body as sent
-    format: str  # OPENAI | ANTHROPIC
+    format: str  # OPENAI | ANTHROPIC | RESPONSES
     session_id: str | None  # None: the default session
     timestamp: float | None = None  # Unix seconds, when the record has one
     response: LoggedResponse | None = None
+    # Responses: the earlier request whose response ``previous_response_id`` continues
+    previous: ChatRequest | None = field(default=None, repr=False, compare=False)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
-        return list(self.body["messages"])
+        """The conversation as chat messages (a Responses request: ``responses_messages``)."""
+        return responses_messages(self) if self.format == RESPONSES else list(self.body["messages"])
 
 
 @dataclass(frozen=True)
@@ -143,9 +179,47 @@ def _dig(record: dict[str, Any], *path: str) -> Any:
     return value
 
 
+def is_responses_body(body: dict[str, Any]) -> bool:
+    """A Responses API body: ``input`` where a chat body has ``messages`` (a completions body
+    has ``prompt`` instead; a Responses ``prompt`` is a template reference, an object)."""
+    return (
+        "messages" not in body
+        and isinstance(body.get("input"), str | list)
+        and not isinstance(body.get("prompt"), str | list)
+    )
+
+
+def _is_body(value: Any) -> bool:
+    return isinstance(value, dict) and ("messages" in value or is_responses_body(value))
+
+
+def litellm_body(record: dict[str, Any]) -> dict[str, Any]:
+    """The request body a LiteLLM standard logging payload stands for: its ``messages`` and its
+    ``model_parameters`` (``tools``, ``tool_choice``, ``temperature``, ...), with an
+    ``extra_body`` merged the way the OpenAI SDK sends it (at the top level of the body)."""
+    params = dict(record["model_parameters"])
+    extra = params.pop("extra_body", None)
+    body = dict(extra) if isinstance(extra, dict) else {}
+    body.update(params)
+    body["messages"] = record["messages"]
+    return body
+
+
+def _is_litellm(record: dict[str, Any]) -> bool:
+    return isinstance(record.get("model_parameters"), dict) and isinstance(record.get("messages"), list)
+
+
+def _is_response(value: Any) -> bool:
+    return isinstance(value, dict) and (
+        "choices" in value or "content" in value or value.get("object") == "response"
+    )
+
+
 def unwrap(record: dict[str, Any]) -> tuple[dict[str, Any] | None, Any, str | None]:
     """(request body, response or None, URL hint) from a record of any supported shape."""
-    if isinstance(record.get("messages"), list):
+    if _is_litellm(record):
+        return litellm_body(record), _json_payload(record.get("response")), None
+    if isinstance(record.get("messages"), list) or is_responses_body(record):
         return record, _json_payload(record.get("response")), None
     for path in (
         ("request", "body"),
@@ -157,7 +231,7 @@ def unwrap(record: dict[str, Any]) -> tuple[dict[str, Any] | None, Any, str | No
         ("providerRequest", "json"),
     ):
         body = _dig(record, *path)
-        if isinstance(body, dict) and "messages" in body:
+        if _is_body(body):
             url = _dig(record, path[0], "url") if len(path) > 1 else record.get("url")
             response = None
             for rpath in (
@@ -168,7 +242,7 @@ def unwrap(record: dict[str, Any]) -> tuple[dict[str, Any] | None, Any, str | No
                 ("providerResponse", "json"),
             ):
                 candidate = _dig(record, *rpath)
-                if isinstance(candidate, dict) and ("choices" in candidate or "content" in candidate):
+                if _is_response(candidate):
                     response = candidate
                     break
             return body, response, url if isinstance(url, str) else None
@@ -176,12 +250,16 @@ def unwrap(record: dict[str, Any]) -> tuple[dict[str, Any] | None, Any, str | No
 
 
 def detect_format(body: dict[str, Any], url: str | None = None) -> str:
-    """OPENAI or ANTHROPIC, from what only one of the two formats has (see the module doc)."""
+    """OPENAI, ANTHROPIC or RESPONSES, from what only one format has (see the module doc)."""
     if url:
         if url.rstrip("/").endswith("/messages"):
             return ANTHROPIC
         if url.rstrip("/").endswith("/chat/completions"):
             return OPENAI
+        if url.rstrip("/").endswith("/responses"):
+            return RESPONSES
+    if is_responses_body(body):
+        return RESPONSES
     if "system" in body or "cache_control" in body or "anthropic_version" in body:
         return ANTHROPIC
     for tool in body.get("tools") or []:
@@ -204,8 +282,56 @@ def detect_format(body: dict[str, Any], url: str | None = None) -> str:
     return OPENAI
 
 
+# What each Responses input item needs before vLLM can turn it into a chat message: the string
+# fields, then the one that may also be a list of parts. Other item types go to vLLM as they are
+# (it refuses those it does not take, e.g. "item_reference", with its own message).
+_ITEM_FIELDS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "message": (("role",), "content"),
+    "function_call": (("call_id", "name", "arguments"), None),
+    "function_call_output": (("call_id",), "output"),
+    "custom_tool_call": (("call_id", "name", "input"), None),
+    "custom_tool_call_output": (("call_id",), "output"),
+}
+
+
+def check_responses_body(body: dict[str, Any], line: int) -> None:
+    """The structural checks of a Responses body (see ``check_body``)."""
+    items = body.get("input")
+    if not isinstance(items, str | list):
+        raise _bad(line, '"input" must be a string or a list of items')
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        if not isinstance(item, dict):
+            raise _bad(line, f"input item {i} is not an object (Responses input items are objects)")
+        kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str):
+            raise _bad(line, f'input item {i} has no "type" (or "role")')
+        strings, text_or_parts = _ITEM_FIELDS.get(kind, ((), None))
+        for name in strings:
+            if not isinstance(item.get(name), str):
+                raise _bad(line, f'input item {i} ({kind}) has no "{name}" string')
+        if text_or_parts is not None:
+            value = item.get(text_or_parts)
+            parts_ok = isinstance(value, list) and all(
+                isinstance(p, dict) and isinstance(p.get("type"), str) for p in value
+            )
+            if not isinstance(value, str) and not parts_ok:
+                raise _bad(line, f'input item {i} ({kind}) has no "{text_or_parts}" string or parts')
+    for name in ("instructions", "previous_response_id"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise _bad(line, f'"{name}" must be a string')
+    tools = body.get("tools")
+    typed = isinstance(tools, list) and all(
+        isinstance(t, dict) and isinstance(t.get("type"), str) for t in tools
+    )
+    if tools is not None and not typed:
+        raise _bad(line, '"tools" must be a list of objects with a "type"')
+
+
 def check_body(body: dict[str, Any], fmt: str, line: int) -> None:
     """The structural checks a server would fail the request on, done before anything slow."""
+    if fmt == RESPONSES:
+        check_responses_body(body, line)
+        return
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise _bad(line, 'no "messages" list')
@@ -243,11 +369,13 @@ def check_body(body: dict[str, Any], fmt: str, line: int) -> None:
 
 def _session(record: dict[str, Any], body: dict[str, Any], field: str, line: int) -> str | None:
     for holder in (record, body, record.get("metadata"), body.get("metadata")):
-        if isinstance(holder, dict) and holder.get(field) is not None:
+        if isinstance(holder, dict) and holder.get(field) not in (None, ""):
             value = holder[field]
             if isinstance(value, bool) or not isinstance(value, str | int):
                 raise _bad(line, f'"{field}" must be a string or an integer')
             return str(value)
+    if field == "session_id" and _is_litellm(record) and isinstance(record.get("trace_id"), str | int):
+        return str(record["trace_id"]) or None  # LiteLLM's session (see the module docstring)
     return None
 
 
@@ -279,11 +407,54 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _responses_response(response: dict[str, Any], usage: dict[str, Any] | None) -> LoggedResponse | None:
+    """A Responses API response object (``"object": "response"``)."""
+    output = response.get("output")
+    if response.get("status") not in (None, "completed", "incomplete") or not isinstance(output, list):
+        return None  # failed, cancelled, or still running (background): no reply to cache
+    items = [item for item in output if isinstance(item, dict)]
+    logged = None
+    if usage is not None:
+        details = usage.get("input_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        logged = LoggedUsage(
+            _int(usage.get("input_tokens")),
+            _int(details.get("cached_tokens")),
+            _int(details.get("cache_write_tokens")),
+            _int(usage.get("output_tokens")),
+        )
+    text = "".join(
+        str(part.get("text", ""))
+        for item in items
+        if item.get("type") == "message"
+        for part in item.get("content") or []
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    )
+    incomplete = response.get("incomplete_details")
+    if isinstance(incomplete, dict) and incomplete.get("reason") == "max_output_tokens":
+        finish = "length"
+    elif any(item.get("type") in ("function_call", "custom_tool_call") for item in items):
+        finish = "tool_calls"
+    else:
+        finish = "stop"
+    response_id = response.get("id")
+    return LoggedResponse(
+        {"role": "assistant", "content": text},
+        finish,
+        None,
+        logged,
+        response_id=response_id if isinstance(response_id, str) else None,
+        output=items,
+    )
+
+
 def parse_response(response: Any, fmt: str) -> LoggedResponse | None:
     """The assistant message and usage of a logged response; None for an error or no reply."""
     if not isinstance(response, dict):
         return None
     usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+    if response.get("object") == "response" or (fmt == RESPONSES and "output" in response):
+        return _responses_response(response, usage)
     if isinstance(response.get("choices"), list) and response["choices"]:  # OpenAI chat.completion
         choice = response["choices"][0]
         message = choice.get("message") if isinstance(choice, dict) else None
@@ -326,8 +497,17 @@ def parse_response(response: Any, fmt: str) -> LoggedResponse | None:
     return None
 
 
-def parse_record(text: str | bytes, line: int, session_field: str = "session_id") -> ChatRequest:
-    """Parse one JSONL line; raise ``UserError`` naming the line when it is not a chat request."""
+def parse_record(
+    text: str | bytes,
+    line: int,
+    session_field: str = "session_id",
+    earlier: Mapping[str, ChatRequest] | None = None,
+) -> ChatRequest:
+    """Parse one JSONL line; raise ``UserError`` naming the line when it is not a chat request.
+
+    ``earlier``: the requests of the log before this line, by the ``id`` of their logged
+    response; a Responses body's ``previous_response_id`` must be one of them (``RecordReader``
+    keeps it)."""
     try:
         record = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -343,15 +523,15 @@ def parse_record(text: str | bytes, line: int, session_field: str = "session_id"
     if body is None:
         if "messages" in record:
             raise _bad(line, 'no "messages" list')
-        if "prompt" in record or "input" in record:
+        if "prompt" in record:
             raise _bad(
                 line,
-                'no "messages" list: completions and Responses API bodies are not chat '
-                "requests (expected OpenAI Chat Completions or Anthropic Messages)",
+                'no "messages" list: a completions body ("prompt") is not a chat request '
+                "(expected OpenAI Chat Completions, OpenAI Responses or Anthropic Messages)",
             )
         raise _bad(
             line,
-            'no "messages" list (expected an OpenAI Chat Completions or an Anthropic '
+            'no "messages" list (expected an OpenAI Chat Completions, OpenAI Responses or Anthropic '
             'Messages body, bare or wrapped as {"request": ..., "response": ...})',
         )
     fmt = detect_format(body, url)
@@ -361,14 +541,100 @@ def parse_record(text: str | bytes, line: int, session_field: str = "session_id"
     parsed = parse_response(response, fmt)
     if parsed is not None:
         parsed = replace(parsed, diagnostics=read_diagnostics(response, url))
+    session = _session(record, body, session_field, line)
+    previous = None
+    if fmt == RESPONSES and body.get("previous_response_id") is not None:
+        previous = (earlier or {}).get(body["previous_response_id"])
+        if previous is None:
+            raise _bad(
+                line,
+                f'previous_response_id "{body["previous_response_id"]}" is not the response of an '
+                "earlier line of this log (the server would answer 404): log the request that "
+                "produced it with its response, before this line",
+            )
+        if session is None:
+            session = previous.session_id  # a chain of responses is one conversation
     return ChatRequest(
         line,
         body,
         fmt,
-        _session(record, body, session_field, line),
+        session,
         _timestamp(record),
         parsed,
+        previous,
     )
+
+
+def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses body's ``input`` as items (a string is one user message)."""
+    value = body.get("input")
+    return [{"role": "user", "content": value}] if isinstance(value, str) else list(value or [])
+
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_CLIENT_ITEMS = ("function_call_output", "custom_tool_call_output")  # what the client sends back
+
+
+def _item_message(item: dict[str, Any]) -> dict[str, Any]:
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": str(p.get("text", ""))} if p.get("type") in _TEXT_PARTS else p
+                for p in content
+                if isinstance(p, dict)
+            ]
+        return {"role": str(item.get("role", "user")), "content": content}
+    block = {k: v for k, v in item.items() if k not in ("id", "status")}
+    return {"role": "tool" if kind in _CLIENT_ITEMS else "assistant", "content": [block]}
+
+
+def chain_items(request: ChatRequest) -> list[dict[str, Any]]:
+    """The input items a hosted Responses API reads for this request, its chain written out.
+
+    OpenAI's API reference (``POST /responses``,
+    https://platform.openai.com/docs/api-reference/responses/create, read 2026-12-02 from a
+    stored copy): a request with ``previous_response_id`` continues that response's whole
+    conversation, and the earlier ``instructions`` are not carried over. So: every earlier
+    request's input items and *all* its response's output items (reasoning and tool calls too;
+    vLLM carries only the messages forward, see ``render``), then this ``input``.
+    """
+    chain: list[ChatRequest] = []
+    earlier = request.previous
+    while earlier is not None:
+        chain.append(earlier)
+        earlier = earlier.previous
+    items: list[dict[str, Any]] = []
+    for past in reversed(chain):
+        items += input_items(past.body)
+        if past.response is not None:
+            items += past.response.output or []
+    return items + input_items(request.body)
+
+
+def responses_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """A Responses request's conversation as chat messages: its ``instructions`` (a system
+    message), then ``chain_items``; text parts become text blocks, any other item one block of
+    its own JSON."""
+    instructions = request.body.get("instructions")
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    return system + [_item_message(item) for item in chain_items(request)]
+
+
+class RecordReader:
+    """Parses a log's records in order, keeping the responses a later Responses request may
+    continue with ``previous_response_id`` (as the server's response store does)."""
+
+    def __init__(self, session_field: str = "session_id") -> None:
+        self.session_field = session_field
+        self._responses: dict[str, ChatRequest] = {}
+
+    def parse(self, text: str | bytes, line: int) -> ChatRequest:
+        request = parse_record(text, line, self.session_field, self._responses)
+        if request.response is not None and request.response.response_id is not None:
+            self._responses[request.response.response_id] = request
+        return request
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -396,11 +662,13 @@ def iter_requests(
     Blank lines are ignored.
 
     A malformed line raises ``UserError`` and nothing after it is read, unless ``skip_bad``:
-    then it is reported through ``warn`` and yielded as a ``SkippedLine``.
+    then it is reported through ``warn`` and yielded as a ``SkippedLine``. (Responses requests
+    whose response has an id are kept for a later ``previous_response_id``: ``RecordReader``.)
     """
+    reader = RecordReader(session_field)
     for number, raw in iter_lines(path):
         try:
-            yield parse_record(raw, number, session_field)
+            yield reader.parse(raw, number)
         except UserError as exc:
             if not skip_bad:
                 raise UserError(f"{path}: {exc}", exc.exit_code) from None

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from harness.explain.formats import ANTHROPIC, ChatRequest
+from harness.explain.formats import ANTHROPIC, ChatRequest, chain_items
 from harness.explain.hints import ADVICE, Hint, _tool_name, explain_change, tools_hint
 from harness.prefix import common_prefix_len, resync
 from harness.providers import ModelEntry, Segment
@@ -202,7 +202,8 @@ def _read(request: ChatRequest) -> list[tuple[Segment, Piece]]:
                     (Segment(kind, calls, role, None, number), Piece(kind, label, number + offset, role))
                 )
         return out
-    # An OpenAI Responses API body: instructions, then the input items (a string is one user message).
+    # An OpenAI Responses API body: instructions, then the input items (a string is one user
+    # message), with a previous_response_id chain written out as the hosted API reads it.
     if body.get("instructions"):
         out.append(
             (
@@ -211,9 +212,7 @@ def _read(request: ChatRequest) -> list[tuple[Segment, Piece]]:
             )
         )
         offset = 1
-    items = body.get("input")
-    items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
-    for number, item in enumerate(items):
+    for number, item in enumerate(chain_items(request)):
         if not isinstance(item, dict):
             continue
         kind = str(item.get("type", "message"))

@@ -5,9 +5,16 @@ vLLM's OpenAI server (``ChatCompletionRequest`` validation, then ``OnlineRendere
 ``tools`` passed to the template as ``tool.model_dump()``, ``content: null`` and text parts as
 the server joins them, ``tool_calls`` arguments parsed into objects, ``chat_template_kwargs``,
 ``add_generation_prompt``, ``continue_final_message``, ``documents``, ``reasoning_effort``,
-``truncate_prompt_tokens``, the ``developer`` role, ...), and an Anthropic Messages body first
-through the converter of vLLM's own ``/v1/messages`` endpoint. Rendering with the same model,
-chat template and vLLM version therefore gives the same token IDs as the server, by construction.
+``truncate_prompt_tokens``, the ``developer`` role, ...), an Anthropic Messages body first
+through the converter of vLLM's own ``/v1/messages`` endpoint, and a Responses body through
+the code of vLLM's ``/v1/responses`` (``ResponsesRequest`` validation, then
+``OnlineRenderer.render_responses``: ``instructions`` as a system message, ``input`` items into
+chat messages by ``construct_input_messages``, flat function tools into chat tools). For
+``previous_response_id`` the renderer keeps what vLLM's response store keeps: per response id,
+the messages its request was rendered from and the response's output items (vLLM carries only
+the output's ``message`` items forward, not its reasoning or tool calls). Rendering with the
+same model, chat template and vLLM version therefore gives the same token IDs as the server, by
+construction.
 
 Two things the server does not need and the explainer does, both from that one rendering:
 
@@ -33,9 +40,23 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError, first_line
-from harness.explain.formats import ANTHROPIC, OPENAI, ChatRequest, LoggedResponse
+from harness.explain.formats import (
+    ANTHROPIC,
+    OPENAI,
+    RESPONSES,
+    ChatRequest,
+    LoggedResponse,
+    input_items,
+)
 from harness.explain.pieces import PieceTokenizer
 from harness.prefix import common_prefix_len
+
+# Fields of a logged body that are the log's bookkeeping and never reach the prompt, but that
+# vLLM's request models type strictly: ``session_id`` (vLLM's own is a routing hint, a string;
+# loggers write the session as a number, ``"session_id": 42``) and, for Responses, ``metadata``
+# (OpenAI's is string to string; loggers put numbers there). The explainer reads the session
+# itself (formats.py); dropping them before validation changes no token.
+BOOKKEEPING_FIELDS = {OPENAI: ("session_id",), RESPONSES: ("session_id", "metadata"), ANTHROPIC: ()}
 
 
 @dataclass(frozen=True)
@@ -85,10 +106,14 @@ class ChatRenderer:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
+            from openai.types.responses import ResponseOutputItem
+            from pydantic import TypeAdapter
             from vllm.config import ModelConfig, VllmConfig
             from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
             from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+            from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+            from vllm.entrypoints.openai.responses.utils import construct_chat_messages_with_tool_call
             from vllm.renderers.chat_utils import load_chat_template, parse_chat_messages
             from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
             from vllm.renderers.online_renderer import OnlineRenderer
@@ -172,6 +197,12 @@ class ChatRenderer:
         renderer._tokenize_prompt_async = tokenize
         self._loop = asyncio.new_event_loop()
         self._request_cls = ChatCompletionRequest
+        self._responses_cls = _with_offsets(ResponsesRequest)
+        # What vLLM's response store keeps, by response id: the messages that response's request
+        # was rendered from, and its output items (see the module docstring).
+        self._responses_store: dict[str, tuple[list[Any], list[Any]]] = {}
+        self._output_item = TypeAdapter(ResponseOutputItem)
+        self._items_to_messages = construct_chat_messages_with_tool_call
         self._anthropic_cls = AnthropicMessagesRequest
         self._anthropic = AnthropicServingMessages
         self._merge_inline_system = AnthropicServingMessages._detect_merge_inline_system(
@@ -193,8 +224,7 @@ class ChatRenderer:
 
     def chat_request(self, request: ChatRequest) -> Any:
         """The vLLM ``ChatCompletionRequest`` the server builds from this body."""
-        body = dict(request.body)
-        body.setdefault("model", "log")
+        body = _without_bookkeeping(request)
         try:
             if request.format == ANTHROPIC:
                 body.setdefault("max_tokens", 1)
@@ -218,17 +248,74 @@ class ChatRenderer:
                 f"line {request.line}: vLLM refuses this body: {_validation_message(exc)}"
             ) from None
 
-    def render(self, request: ChatRequest) -> Rendered:
-        chat = self.chat_request(request)
+    def responses_request(self, request: ChatRequest) -> Any:
+        """The vLLM ``ResponsesRequest`` the server builds from this body (``/v1/responses``)."""
+        body = _without_bookkeeping(request)
+        body.pop("max_output_tokens", None)  # a generation setting: no prompt token changes
         try:
-            result = self._loop.run_until_complete(self._online.render_chat(chat))
-        except Exception as exc:  # the template itself may refuse (e.g. an unknown role)
-            problem = f"the chat template refused the messages: {first_line(exc)}"
-            raise UserError(f"line {request.line}: {problem}") from exc
-        if not isinstance(result, tuple):  # vLLM's ErrorResponse
-            message = getattr(getattr(result, "error", None), "message", None) or str(result)
-            raise UserError(f"line {request.line}: vLLM refuses this body: {str(message).splitlines()[0]}")
-        conversation, (engine_input,) = result
+            return self._responses_cls.model_validate(body)
+        except Exception as exc:
+            raise UserError(
+                f"line {request.line}: vLLM refuses this body: {_validation_message(exc)}"
+            ) from None
+
+    def _previous(self, request: ChatRequest) -> tuple[list[Any] | None, list[Any] | None]:
+        """The stored messages and output items ``previous_response_id`` names, as vLLM's
+        ``_render_resolved_response_inputs`` hands them to ``render_responses``."""
+        previous = request.previous
+        if previous is None:
+            return None, None
+        assert previous.response is not None and previous.response.response_id is not None
+        if previous.response.response_id not in self._responses_store:
+            self.render(previous)  # rendered out of order: render the chain first
+        messages, outputs = self._responses_store[previous.response.response_id]
+        return messages.copy(), list(outputs)
+
+    def _output_items(self, request: ChatRequest, items: Sequence[dict[str, Any]]) -> list[Any]:
+        """A logged response's output items as the objects vLLM keeps in its store."""
+        try:
+            return [self._output_item.validate_python(item) for item in items]
+        except Exception as exc:
+            problem = f"vLLM cannot read the response's output items: {_validation_message(exc)}"
+            raise UserError(f"line {request.line}: {problem}") from None
+
+    def _render_responses(self, request: ChatRequest) -> tuple[Any, Any]:
+        responses_request = self.responses_request(request)
+        previous_messages, previous_outputs = self._previous(request)
+        try:
+            result = self._loop.run_until_complete(
+                self._online.render_responses(
+                    responses_request,
+                    previous_messages=previous_messages,
+                    previous_response_outputs=previous_outputs,
+                )
+            )
+        except Exception as exc:  # vLLM's item conversion or the template refused
+            raise UserError(f"line {request.line}: vLLM refuses this body: {first_line(exc)}") from exc
+        if not hasattr(result, "engine_input"):
+            raise _refused(request, result)
+        response = request.response
+        if response is not None and response.response_id is not None:
+            # vLLM stores the very list it rendered from (later requests get a shallow copy).
+            outputs = self._output_items(request, response.output or [])
+            self._responses_store[response.response_id] = (result.messages, outputs)
+        return result.messages, result.engine_input
+
+    def render(self, request: ChatRequest) -> Rendered:
+        if request.format == RESPONSES:
+            conversation, engine_input = self._render_responses(request)
+            cache_salt = engine_input.get("cache_salt")
+        else:
+            chat = self.chat_request(request)
+            cache_salt = getattr(chat, "cache_salt", None)
+            try:
+                result = self._loop.run_until_complete(self._online.render_chat(chat))
+            except Exception as exc:  # the template itself may refuse (e.g. an unknown role)
+                problem = f"the chat template refused the messages: {first_line(exc)}"
+                raise UserError(f"line {request.line}: {problem}") from exc
+            if not isinstance(result, tuple):
+                raise _refused(request, result)
+            conversation, (engine_input,) = result
         template_conversation, kwargs = self._template_call
         # vLLM's own lists (ints and (start, end) pairs), kept as they are: no copy per token.
         return Rendered(
@@ -238,8 +325,41 @@ class ChatRenderer:
             conversation=template_conversation or list(conversation),
             tools=kwargs.get("tools"),
             template_kwargs=kwargs,
-            cache_salt=getattr(chat, "cache_salt", None),
+            cache_salt=cache_salt,
         )
+
+    def standalone_body(self, request: ChatRequest, prompt_ids: Sequence[int]) -> dict[str, Any] | None:
+        """The body to send a server that holds none of the log's responses, rendering to
+        ``prompt_ids`` (this request as rendered here); None when there is no such body.
+
+        Only a Responses request with ``previous_response_id`` needs rewriting: its chain is
+        written out as ``input`` items (each earlier request's items, system items left out,
+        then the text of its response's ``message`` items as assistant messages, as vLLM's
+        ``construct_input_messages`` carries them forward). vLLM merges a tool call or reasoning
+        item into an assistant message just before it, which the chain would not have done
+        across a response boundary: the rewritten body is rendered here and kept only when its
+        tokens are the request's own.
+        """
+        if request.format != RESPONSES or request.previous is None:
+            return dict(request.body)
+        chain = [request]
+        while chain[-1].previous is not None:
+            chain.append(chain[-1].previous)  # type: ignore[arg-type]
+        items: list[dict[str, Any]] = []
+        for earlier in reversed(chain[1:]):
+            items = [i for i in [*items, *input_items(earlier.body)] if i.get("role") != "system"]
+            output = earlier.response.output if earlier.response is not None else None
+            items += [
+                {"role": "assistant", "content": part["text"]}
+                for item in output or []
+                if item.get("type") == "message"
+                for part in item.get("content") or []
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            ]
+        body = {k: v for k, v in request.body.items() if k != "previous_response_id"}
+        body["input"] = [*items, *input_items(request.body)]
+        alone = ChatRequest(request.line, body, RESPONSES, request.session_id)
+        return body if list(self.render(alone).token_ids) == list(prompt_ids) else None
 
     def render_messages(self, messages: Sequence[dict[str, Any]]) -> Rendered:
         """A plain chat (an OpenAI ``messages`` list) as the engine sees it."""
@@ -295,7 +415,7 @@ class ChatRenderer:
         """The tokens the engine generated for ``response`` (see the module docstring)."""
         if response.token_ids:
             return ReplyTokens(list(response.token_ids), "token_ids")
-        message = self._reply_message(request, response)
+        messages = self._reply_messages(request, response)
         kwargs = dict(rendered.template_kwargs)
         fmt = self._content_format(
             chat_template=kwargs.get("chat_template"),
@@ -304,13 +424,13 @@ class ChatRenderer:
             tokenizer=self.tokenizer,
             model_config=self.model_config,
         )
-        reply_conversation, _, _ = self._parse_messages([message], self.model_config, content_format=fmt)
+        reply_conversation, _, _ = self._parse_messages(messages, self.model_config, content_format=fmt)
         full = self.template_text(rendered, [*rendered.conversation, *reply_conversation])
         if not full.startswith(rendered.text):
             # The generation prompt is not how the template writes an assistant turn's start:
             # fall back to the reply's own text.
-            text = message.get("content") if isinstance(message.get("content"), str) else ""
-            tail = [*self.encode(text or "")]
+            text = "".join(m.get("content") for m in messages if isinstance(m.get("content"), str))
+            tail = [*self.encode(text)]
         else:
             tail = self.encode(full[len(rendered.text) :])
         ids: list[int] = []
@@ -322,14 +442,18 @@ class ChatRenderer:
             ids.append(token)
         return ReplyTokens(ids, "rendered")
 
-    def _reply_message(self, request: ChatRequest, response: LoggedResponse) -> dict[str, Any]:
-        """The reply as an OpenAI chat message, converted the way the request itself was."""
+    def _reply_messages(self, request: ChatRequest, response: LoggedResponse) -> list[dict[str, Any]]:
+        """The reply as OpenAI chat messages, converted the way the request itself was (a
+        Responses output by vLLM's own item conversion, as if the items came back as input)."""
+        if request.format == RESPONSES:
+            items = self._output_items(request, response.output or [])
+            return [dict(m) for m in self._items_to_messages(items)] or [{"role": "assistant", "content": ""}]
         if request.format != ANTHROPIC:
-            return dict(response.message)
+            return [dict(response.message)]
         body = {"model": "log", "max_tokens": 1, "messages": [response.message]}
         converted = self._anthropic.to_chat_completion_request(self._anthropic_cls.model_validate(body))
         messages = list(converted.messages)
-        return dict(messages[0]) if messages else {"role": "assistant", "content": ""}
+        return [dict(messages[0]) if messages else {"role": "assistant", "content": ""}]
 
     # ------------------------------------------------------------------ tokens
 
@@ -341,6 +465,33 @@ class ChatRenderer:
 
     def close(self) -> None:
         self._loop.close()
+
+
+def _refused(request: ChatRequest, error: Any) -> UserError:
+    """vLLM's ``ErrorResponse`` for a body, as the one-line error naming its line."""
+    message = getattr(getattr(error, "error", None), "message", None) or str(error)
+    return UserError(f"line {request.line}: vLLM refuses this body: {str(message).splitlines()[0]}")
+
+
+def _without_bookkeeping(request: ChatRequest) -> dict[str, Any]:
+    """The body as vLLM's request model should see it (see ``BOOKKEEPING_FIELDS``)."""
+    body = {k: v for k, v in request.body.items() if k not in BOOKKEEPING_FIELDS[request.format]}
+    body.setdefault("model", "log")
+    return body
+
+
+def _with_offsets(responses_request: Any) -> Any:
+    """vLLM's ``ResponsesRequest``, asking the tokenizer for each token's character span (the
+    chat request model has ``return_token_offsets`` for this; the Responses one does not). The
+    token IDs are unchanged: offsets come from the same tokenization."""
+    import dataclasses
+
+    class ResponsesRequestWithOffsets(responses_request):  # type: ignore[misc, valid-type]
+        def build_tok_params(self, model_config: Any) -> Any:
+            params = super().build_tok_params(model_config)
+            return dataclasses.replace(params, return_token_offsets=True)
+
+    return ResponsesRequestWithOffsets
 
 
 def _validation_message(exc: Exception) -> str:

@@ -13,8 +13,12 @@ The replay reproduces what the analysis assumed, so the engine must agree on eve
   leaves exactly the blocks the original request and its generation left.
 
 On the embedded engine the rendered token IDs are sent; to a server the body itself goes
-(``/v1/chat/completions`` or ``/v1/messages``), so the server renders it: a different prompt
-length there means a different rendering, and is flagged.
+(``/v1/chat/completions``, ``/v1/messages`` or ``/v1/responses``), so the server renders it: a
+different prompt length there means a different rendering, and is flagged. A Responses request
+that continues an earlier response (``previous_response_id``) cannot name it on the replay
+server, which never saw the log's responses: its chain goes written out as ``input`` items
+(``ChatRenderer.standalone_body``), or, when no body renders to the same tokens, as its token IDs
+to ``/v1/completions``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from harness.api_key import NO_API_KEY, ApiKey
 from harness.backend import http_json
 from harness.errors import UserError
 from harness.explain.analyze import SESSION, RequestExplanation
-from harness.explain.formats import ANTHROPIC, ChatRequest
+from harness.explain.formats import ANTHROPIC, RESPONSES, ChatRequest
 
 
 @dataclass(frozen=True)
@@ -154,18 +158,24 @@ class ServerReplay:
     """A running vLLM server: the body goes as logged (the server renders it), asking for one
     token, greedily, with the run's ``cache_salt``; a tool list with ``tool_choice`` "none", which
     renders the same prompt and needs no tool parser on the server. ``api_key`` goes with each
-    request (``harness.api_key``)."""
+    request (``harness.api_key``); ``renderer`` writes out Responses chains (see the module
+    docstring)."""
 
-    def __init__(self, base: str, model: str, block_size: int, api_key: ApiKey = NO_API_KEY) -> None:
+    def __init__(
+        self, base: str, model: str, block_size: int, api_key: ApiKey = NO_API_KEY, renderer: Any = None
+    ) -> None:
         self.base = base.rstrip("/")
         self.model = model
         self.block_size = block_size
         self.api_key = api_key
+        self.renderer = renderer
 
     def reset(self) -> None:
         pass  # the run's own salt is the empty cache
 
     def send(self, request: ChatRequest, prompt_ids: Sequence[int], salt: str) -> Sent:
+        if request.format == RESPONSES:
+            return self._send_responses(request, prompt_ids, salt)
         body = dict(request.body)
         body.update(model=self.model, max_tokens=1, temperature=0, stream=False, cache_salt=salt)
         body.pop("max_completion_tokens", None)
@@ -187,7 +197,29 @@ class ServerReplay:
             )
         return Sent(int(usage.get("prompt_tokens") or 0), int(details["cached_tokens"]))
 
+    def _send_responses(self, request: ChatRequest, prompt_ids: Sequence[int], salt: str) -> Sent:
+        body: dict[str, Any] | None = dict(request.body)
+        if request.previous is not None:
+            if self.renderer is None:
+                raise UserError(f"line {request.line}: a previous_response_id chain needs the renderer")
+            body = self.renderer.standalone_body(request, prompt_ids)
+        if body is None:  # no body renders to these tokens: the engine gets the tokens themselves
+            usage = self._complete(prompt_ids, salt)
+            details = usage.get("prompt_tokens_details") or {}
+            return Sent(int(usage.get("prompt_tokens") or 0), int(details.get("cached_tokens") or 0))
+        body.update(model=self.model, max_output_tokens=1, temperature=0, stream=False, store=False)
+        body.update(cache_salt=salt)
+        if body.get("tools"):
+            body["tool_choice"] = "none"
+        usage = _post(self.base + "/v1/responses", body, self.api_key).get("usage") or {}
+        details = usage.get("input_tokens_details") or {}
+        return Sent(int(usage.get("input_tokens") or 0), int(details.get("cached_tokens") or 0))
+
     def compute(self, token_ids: Sequence[int], salt: str) -> None:
+        self._complete(token_ids, salt)
+
+    def _complete(self, token_ids: Sequence[int], salt: str) -> dict[str, Any]:
+        """Token IDs to ``/v1/completions``, one token generated; the usage the server reported."""
         payload = {
             "model": self.model,
             "prompt": list(token_ids),
@@ -195,4 +227,4 @@ class ServerReplay:
             "temperature": 0,
             "cache_salt": salt,
         }
-        _post(self.base + "/v1/completions", payload, self.api_key)
+        return dict(_post(self.base + "/v1/completions", payload, self.api_key).get("usage") or {})

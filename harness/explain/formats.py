@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -624,16 +625,29 @@ def responses_messages(request: ChatRequest) -> list[dict[str, Any]]:
 
 class RecordReader:
     """Parses a log's records in order, keeping the responses a later Responses request may
-    continue with ``previous_response_id`` (as the server's response store does)."""
+    continue with ``previous_response_id`` (as the server's response store does).
+
+    The ``KEEP`` most recently used ones: a chain continues from its latest response, so the
+    chains still going are kept and an idle session's are let go (a long log's do not pile up).
+    """
+
+    KEEP = 10_000
 
     def __init__(self, session_field: str = "session_id") -> None:
         self.session_field = session_field
-        self._responses: dict[str, ChatRequest] = {}
+        self._responses: OrderedDict[str, ChatRequest] = OrderedDict()
 
     def parse(self, text: str | bytes, line: int) -> ChatRequest:
         request = parse_record(text, line, self.session_field, self._responses)
+        if request.previous is not None and request.previous.response is not None:
+            said = request.previous.response.response_id
+            if said in self._responses:
+                self._responses.move_to_end(said)
         if request.response is not None and request.response.response_id is not None:
             self._responses[request.response.response_id] = request
+            self._responses.move_to_end(request.response.response_id)
+            if len(self._responses) > self.KEEP:
+                self._responses.popitem(last=False)
         return request
 
 

@@ -170,6 +170,12 @@ class ChatRenderer:
         self.notes: list[str] = []  # what the run should say once (e.g. splitting switched off)
         whole_tokenize = renderer._tokenize_prompt
         wants_offsets = renderer._wants_offsets
+        # vLLM's Responses path asks for special tokens; most chat tokenizers add none (the
+        # template writes them): then the flag changes nothing and the pieces serve it too.
+        probe = "a"
+        adds_none = list(self.tokenizer(probe, add_special_tokens=True)["input_ids"]) == list(
+            self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        )
 
         self.tokenize_seconds = 0.0  # time spent tokenizing (the explainer's --profile)
 
@@ -182,7 +188,7 @@ class ChatRenderer:
 
         def pieces(prompt: Any, params: Any) -> Any:
             kwargs = params.get_encode_kwargs()
-            if kwargs.get("add_special_tokens") or prompt.get("multi_modal_data"):
+            if (kwargs.get("add_special_tokens") and not adds_none) or prompt.get("multi_modal_data"):
                 return whole_tokenize(prompt, params)
             ids, offsets, note = self.pieces.tokenize(prompt["prompt"])
             limit = kwargs.get("max_length") if kwargs.get("truncation") else None

@@ -54,12 +54,34 @@ def test_pieces_give_the_whole_prompts_tokens_and_offsets(chat_renderer: ChatRen
     pieces = PieceTokenizer(tokenizer)
     assert pieces.splitting and pieces.reason is None  # SmolLM2: byte-level BPE, plain added tokens
     for text in tricky_texts() * 2:  # the second time every piece comes from the cache
-        ids, offsets, note = pieces.tokenize(text)
+        ids, offsets, note, _ = pieces.tokenize(text)
         whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         assert note is None
         assert ids == list(whole["input_ids"]), text
         assert [tuple(o) for o in offsets] == [tuple(o) for o in whole["offset_mapping"]], text
     assert pieces.pieces_reused > 0 and pieces.pieces_tokenized > 0
+
+
+def test_a_prompt_that_extends_the_previous_one_splits_only_what_is_new(chat_renderer: ChatRenderer) -> None:
+    """Given the previous prompt's split, only the text after the last special token both share is
+    split and looked up; the tokens and offsets are the whole prompt's all the same, also when
+    the new text changes the previous one's last piece or shares nothing with it."""
+    tokenizer = chat_renderer.tokenizer
+    pieces = PieceTokenizer(tokenizer)
+    turns = ["<|im_start|>system\nYou are an agent.<|im_end|>\n"]
+    previous = None
+    for n in range(12):
+        turns.append(f"<|im_start|>user\nstep {n}: read file {n}.py<|im_end|>\n")
+        texts = ["".join(turns) + "<|im_start|>assistant\n", "".join(turns) + "<|im_start|>assis", "plain"]
+        for text in texts:
+            before = pieces.pieces_reused + pieces.pieces_tokenized
+            ids, offsets, _, split = pieces.tokenize(text, previous)
+            whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert ids == list(whole["input_ids"]), text
+            assert [tuple(o) for o in offsets] == [tuple(o) for o in whole["offset_mapping"]], text
+            if text is texts[0] and previous is not None:
+                assert pieces.pieces_reused + pieces.pieces_tokenized - before <= 6  # not every piece
+        previous = pieces.tokenize(texts[0], previous)[3]
 
 
 def test_pieces_of_a_long_prompt_are_tokenized_once(chat_renderer: ChatRenderer) -> None:
@@ -93,11 +115,11 @@ def test_a_tokenizer_whose_pieces_differ_is_caught_and_switched_off(chat_rendere
     pieces = PieceTokenizer(_PrefixFirst(chat_renderer.tokenizer))
     assert pieces.splitting  # nothing in its configuration says so: the sample check must
     text = "<|im_start|>user\nhello there<|im_end|>\n"
-    ids, _, note = pieces.tokenize(text)
+    ids, _, note, _ = pieces.tokenize(text)
     assert note is not None and "switched off" in note
     assert ids == list(pieces.tokenizer(text, add_special_tokens=False)["input_ids"])
     assert not pieces.splitting
-    ids_again, _, note_again = pieces.tokenize(text + "more")
+    ids_again, _, note_again, _ = pieces.tokenize(text + "more")
     assert note_again is None and ids_again == list(pieces.tokenizer(text + "more")["input_ids"])
     assert CHECK_FIRST >= 1
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from harness.explain.formats import ChatRequest, LoggedUsage
 from harness.explain.hints import Hint, explain_change
+from harness.explain.pieces import Split
 from harness.explain.profile import DISABLED, Profile
 from harness.explain.reconcile import Reconciliation, reconcile
 from harness.explain.render import ChatRenderer, Rendered
@@ -179,6 +180,7 @@ class _Session:
     salts: list[str | None] = field(default_factory=list)  # sequence -> its request's cache_salt
     requests: dict[int, ChatRequest] = field(default_factory=dict)  # line -> the request (kept_requests)
     chain: BlockChain | None = None  # the latest request's blocks: the next one hashes only what is new
+    split: Split | None = None  # the latest request's text in pieces: the next one splits only what is new
     last_seen: float = 0.0  # when it was last used (the log's timestamp, else the request's number)
 
     def shape(self, rendered: Rendered) -> tuple[tuple[dict[str, Any], ...], list[dict[str, Any]] | None]:
@@ -356,7 +358,9 @@ class LogExplainer:
         self._close_idle(now, window)
         tokenizing = renderer.tokenize_seconds
         with stage("render"):
-            rendered = renderer.render(request)
+            known = self._sessions.get(request.session_id)
+            rendered = renderer.render(request, known.split if known is not None else None)
+            split = renderer.last_split
         self.profile.move("render", "tokenize", renderer.tokenize_seconds - tokenizing)
         prompt = rendered.token_ids
 
@@ -455,6 +459,7 @@ class LogExplainer:
             for holder in {id(h): h for h in (cache, other, session.cache)}.values():
                 holder.record(request.line, chain, reply)
             session.chain = chain
+            session.split = split
         with stage("hints and spans"):
             session.shapes.append(session.shape(rendered))
             session.prompt_lengths.append(len(prompt))

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from harness.prefix import common_prefix_len
+
 CHECK_FIRST = 8  # prompts checked against whole tokenization at the start
 CHECK_EVERY = 200  # then one prompt in this many
 DEFAULT_BUDGET_TOKENS = 4_000_000  # about 50 MB of cached pieces
@@ -84,6 +86,17 @@ class Offsets(Sequence[tuple[int, int]]):
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A prompt as its pieces: what the next prompt of the same conversation starts from."""
+
+    text: str
+    ids: array[int]
+    offsets: Offsets
+    ends: array[int]  # per piece, the character offset just past it
+    specials: bytearray  # per piece, 1 for a special token (a place where pieces always split)
 
 
 def _unsplittable(tokenizer: Any) -> str | None:
@@ -153,14 +166,35 @@ class PieceTokenizer:
             self._cached_tokens -= len(old.ids)
         return piece
 
-    def _split_tokenize(self, text: str) -> tuple[array[int], Offsets]:
+    def _split_tokenize(self, text: str, previous: Split | None = None) -> Split:
+        """``text`` as its pieces, each tokenized once (``_piece``). With ``previous`` (the
+        prompt this one repeats and extends: the same conversation's last request), its pieces
+        up to the last special token the two texts share are taken as they are, not even looked
+        up: only the text after that is split."""
         assert self._split is not None
         ids: array[int] = array("i")
         pieces: list[_Piece] = []
         first_tokens: array[int] = array("i")
         first_chars: array[int] = array("i")
+        ends: array[int] = array("i")
+        specials = bytearray()
         at = 0
-        for part in self._split.split(text):
+        if previous is not None:
+            common = common_prefix_len(text, previous.text)
+            # A special token both texts have at the same place ends a piece in both: after it,
+            # splitting the rest of this text goes as splitting it whole would.
+            keep = bisect.bisect_right(previous.ends, common)
+            while keep and not previous.specials[keep - 1]:
+                keep -= 1
+            if keep:
+                shared = previous.offsets
+                pieces = list(shared._pieces[:keep])
+                first_tokens = shared._first_tokens[:keep]
+                first_chars = shared._first_chars[:keep]
+                ends, specials = previous.ends[:keep], previous.specials[:keep]
+                at = ends[-1]
+                ids = previous.ids[: first_tokens[-1] + len(pieces[-1].ids)]
+        for index, part in enumerate(self._split.split(text[at:] if at else text)):
             if part:
                 piece = self._piece(part)
                 pieces.append(piece)
@@ -168,16 +202,23 @@ class PieceTokenizer:
                 first_chars.append(at)
                 ids.extend(piece.ids)
                 at += len(part)
-        return ids, Offsets(pieces, first_tokens, first_chars)
+                ends.append(at)
+                specials.append(index % 2)  # split() puts the separators at odd places
+        return Split(text, ids, Offsets(pieces, first_tokens, first_chars), ends, specials)
 
-    def tokenize(self, text: str) -> tuple[list[int], Offsets, str | None]:
-        """``(ids, offsets, note)``; ``note`` says when the pieces disagreed with the whole and
-        splitting was switched off (the IDs returned are then the whole tokenization's)."""
+    def tokenize(
+        self, text: str, previous: Split | None = None
+    ) -> tuple[list[int], Offsets, str | None, Split | None]:
+        """``(ids, offsets, note, split)``; ``note`` says when the pieces disagreed with the
+        whole and splitting was switched off (the IDs returned are then the whole
+        tokenization's); ``split`` can be passed as ``previous`` for the next prompt of the same
+        conversation."""
         self.prompts += 1
         if not self.splitting:
             whole = self._whole(text)
-            return whole.ids.tolist(), Offsets.whole(whole), None
-        ids, offsets = self._split_tokenize(text)
+            return whole.ids.tolist(), Offsets.whole(whole), None, None
+        split = self._split_tokenize(text, previous)
+        ids, offsets = split.ids, split.offsets
         if self.prompts <= CHECK_FIRST or self.prompts % CHECK_EVERY == 0:
             whole = self._whole(text)
             if ids != whole.ids or offsets != Offsets.whole(whole):
@@ -185,5 +226,5 @@ class PieceTokenizer:
                 self._cache.clear()
                 self._cached_tokens = 0
                 note = f"tokenizing piece by piece was switched off: {self.reason}"
-                return whole.ids.tolist(), Offsets.whole(whole), note
-        return ids.tolist(), offsets, None
+                return whole.ids.tolist(), Offsets.whole(whole), note, None
+        return ids.tolist(), offsets, None, split

@@ -48,7 +48,7 @@ from harness.explain.formats import (
     LoggedResponse,
     input_items,
 )
-from harness.explain.pieces import PieceTokenizer
+from harness.explain.pieces import PieceTokenizer, Split
 from harness.prefix import common_prefix_len
 
 # Fields of a logged body that are the log's bookkeeping and never reach the prompt, but that
@@ -178,6 +178,10 @@ class ChatRenderer:
         )
 
         self.tokenize_seconds = 0.0  # time spent tokenizing (the explainer's --profile)
+        # The prompt the next ``render`` most likely repeats (``render(..., previous=)``) and the
+        # one it just tokenized: only the text after what they share is split and looked up.
+        self.previous_split: Split | None = None
+        self.last_split: Split | None = None
 
         async def tokenize(prompt: Any, params: Any) -> Any:
             start = time.perf_counter()
@@ -190,7 +194,9 @@ class ChatRenderer:
             kwargs = params.get_encode_kwargs()
             if (kwargs.get("add_special_tokens") and not adds_none) or prompt.get("multi_modal_data"):
                 return whole_tokenize(prompt, params)
-            ids, offsets, note = self.pieces.tokenize(prompt["prompt"])
+            ids, offsets, note, self.last_split = self.pieces.tokenize(
+                prompt["prompt"], self.previous_split
+            )
             limit = kwargs.get("max_length") if kwargs.get("truncation") else None
             if limit is not None and len(ids) > limit:
                 return whole_tokenize(prompt, params)  # the tokenizer truncates: let it
@@ -307,7 +313,16 @@ class ChatRenderer:
             self._responses_store[response.response_id] = (result.messages, outputs)
         return result.messages, result.engine_input
 
-    def render(self, request: ChatRequest) -> Rendered:
+    def render(self, request: ChatRequest, previous: Split | None = None) -> Rendered:
+        """The request as the engine sees it. ``previous``: the ``split`` of the request it most
+        likely repeats and extends (its session's last), which makes tokenizing it cheaper."""
+        self.previous_split, self.last_split = previous, None
+        try:
+            return self._render(request)
+        finally:
+            self.previous_split = None
+
+    def _render(self, request: ChatRequest) -> Rendered:
         if request.format == RESPONSES:
             conversation, engine_input = self._render_responses(request)
             cache_salt = engine_input.get("cache_salt")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import unicodedata
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -150,8 +150,34 @@ class _Node:
         self.block = block
         self.latest = latest  # the most recent sequence through this block
         # what followed it: a full block (a child's tokens) or a shorter tail where a sequence
-        # ended -> the most recent sequence that continued that way
-        self.nexts: dict[bytes, int] = {}
+        # ended -> the most recent sequence that continued that way. Most blocks of agent
+        # traffic have one continuation: a (block, sequence) pair then, a dict only for more.
+        self.nexts: tuple[bytes, int] | dict[bytes, int] | None = None
+
+    def follow(self, block: bytes, seq: int) -> None:
+        nexts = self.nexts
+        if nexts is None or (type(nexts) is tuple and nexts[0] == block):
+            self.nexts = (block, seq)
+        elif type(nexts) is tuple:
+            self.nexts = {nexts[0]: nexts[1], block: seq}
+        else:
+            nexts[block] = seq  # type: ignore[index]
+
+    def continuations(self) -> Iterable[tuple[bytes, int]]:
+        nexts = self.nexts
+        if nexts is None:
+            return ()
+        if type(nexts) is tuple:
+            return (nexts,)  # type: ignore[return-value]
+        return nexts.items()  # type: ignore[union-attr]
+
+    def forget(self, block: bytes) -> None:
+        nexts = self.nexts
+        if type(nexts) is tuple:
+            if nexts[0] == block:
+                self.nexts = None
+        elif nexts is not None:
+            nexts.pop(block, None)  # type: ignore[union-attr]
 
 
 ROOT = 0
@@ -232,7 +258,7 @@ class PrefixCacheModel:
         node, blocks = self._walk(chain, len(chain.keys))
         chunk = chain.block(blocks)
         extra, source = 0, node.latest
-        for continuation, seq in node.nexts.items():
+        for continuation, seq in node.continuations():
             n = shared_tokens(chunk, continuation)
             if n > extra or (n == extra and n > 0 and seq > source):
                 extra, source = n, seq
@@ -261,13 +287,13 @@ class PrefixCacheModel:
         parent_key, node = ROOT, nodes[ROOT]
         node.latest = seq
         for key, block in zip(chain.keys, chain.blocks, strict=True):
-            node.nexts[block] = seq
+            node.follow(block, seq)
             child = nodes.get(key)
             if child is None or child.block != block:
                 child = nodes[key] = _Node(parent_key, block, seq)
             child.latest = seq
             parent_key, node = key, child
-        node.nexts[chain.block(full)] = seq
+        node.follow(chain.block(full), seq)
         if self.capacity_blocks is not None:
             for key in reversed(chain.keys):  # the chain's tail becomes the least recently used
                 self._lru[key] = None
@@ -282,7 +308,7 @@ class PrefixCacheModel:
             return
         parent = self._nodes.get(node.parent)
         if parent is not None:
-            parent.nexts.pop(node.block, None)
+            parent.forget(node.block)
         self.evicted_blocks += 1
 
     def sequence_length(self, index: int) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from harness.explain.analyze import (
     explain_requests,
 )
 from harness.explain.costs import ENGINES, Pricer, expand
+from harness.explain.diagnostics import diagnosed
 from harness.explain.formats import ChatRequest, SkippedLine, iter_requests
 from harness.explain.origin import Answered
 from harness.explain.profile import Profile, print_profile
@@ -298,16 +300,26 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--json and --jsonl name the same file")
 
 
-def _scan(args: argparse.Namespace, warn: Callable[[str], None]) -> tuple[int, list[SkippedLine]]:
-    """Every line checked before anything slow starts: (requests, lines skipped)."""
-    count, skipped = 0, []
+@dataclass(frozen=True)
+class Scan:
+    """What the check of every line found."""
+
+    requests: int
+    skipped: list[SkippedLine]
+    diagnosed: int  # requests carrying a provider's own diagnosis (they need earlier bodies)
+
+
+def _scan(args: argparse.Namespace, warn: Callable[[str], None]) -> Scan:
+    """Every line checked before anything slow starts."""
+    count, diagnosed_count, skipped = 0, 0, []
     field = args.session_field
     for item in iter_requests(args.requests, skip_bad=args.skip_bad, warn=warn, session_field=field):
         if isinstance(item, SkippedLine):
             skipped.append(item)
         elif in_shard(item, args.shard):
             count += 1
-    return count, skipped
+            diagnosed_count += diagnosed(item) is not None
+    return Scan(count, skipped, diagnosed_count)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {message}", file=sys.stderr)
 
     with profile.stage("read and parse"):
-        total, skipped = _scan(args, warn)
+        scan = _scan(args, warn)
+    total, skipped = scan.requests, scan.skipped
     if not total:
         where = f" for --shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""
         raise UserError(f"no requests in {args.requests}{where}")
@@ -395,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         cache_tokens=args.cache_tokens,
         session_window=args.session_window,
         keep_tokens=replaying,
-        keep_requests=True,
+        # Earlier bodies serve the providers' readings and the diagnoses' baselines only.
+        keep_requests=bool(providers) or scan.diagnosed > 0,
         profile=profile,
     )
     log_run = LogRun(

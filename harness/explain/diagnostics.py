@@ -248,6 +248,19 @@ class Diagnosis:
         }
 
 
+def diagnosed(request: ChatRequest) -> tuple[str, str, str | None] | None:
+    """(provider, outcome, the part it names) when the request carries a provider's diagnosis,
+    or asked Anthropic for one (a null answer then means nothing diverged); else None."""
+    logged = request.response.diagnostics if request.response is not None else None
+    asked, wanted = baseline_id(request.body)
+    if logged is not None and logged.outcome is not None:
+        return str(logged.provider), logged.outcome, logged.part
+    if asked == ANTHROPIC and wanted is not None and request.response is not None:
+        # Anthropic documents a null diagnostics, for a request that asked, as "nothing diverged".
+        return ANTHROPIC, "none_reported", NOTHING
+    return None
+
+
 class Diagnoser:
     """Each request that carries a provider's diagnosis (or asked Anthropic for one), compared
     with the explainer's own finding for the same pair of requests, as the log goes (``add``).
@@ -275,14 +288,11 @@ class Diagnoser:
         from harness.explain.provider_view import first_change
 
         logged = request.response.diagnostics if request.response is not None else None
-        asked, wanted = baseline_id(request.body)
-        if logged is not None and logged.outcome is not None:
-            provider, outcome, theirs = str(logged.provider), logged.outcome, logged.part
-        elif asked == ANTHROPIC and wanted is not None and request.response is not None:
-            # Anthropic documents a null diagnostics, for a request that asked, as "nothing diverged".
-            provider, outcome, theirs = ANTHROPIC, "none_reported", NOTHING
-        else:
+        _, wanted = baseline_id(request.body)
+        said = diagnosed(request)
+        if said is None:
             return None
+        provider, outcome, theirs = said
         named = self.baseline(wanted) if wanted is not None else None
         baseline = named
         if baseline is None and explained.reference_line is not None:

@@ -14,8 +14,9 @@ treats every piece alike. Some do not: an added token that strips the spaces aro
 (``lstrip``/``rstrip``) or must stand as a whole word, or a normalizer or pre-tokenizer that
 treats the start of the input differently (SentencePiece's ``prepend_scheme="first"``). Such a
 tokenizer is not split at all (``PieceTokenizer.reason`` says why), and every tokenizer is
-checked against whole tokenization on a sample of prompts (the first few, then one in
-``CHECK_EVERY``): a difference switches the splitting off for the rest of the run, with a note.
+checked against whole tokenization on a sample of prompts (the first few, then as many as keep
+the tokens checked at ``CHECK_SHARE`` of the tokens seen: a check costs what tokenizing the whole
+prompt costs): a difference switches the splitting off for the rest of the run, with a note.
 
 The cache is bounded: least recently used pieces go first once it holds more than
 ``budget_tokens`` tokens.
@@ -35,7 +36,7 @@ from typing import Any
 from harness.prefix import common_prefix_len
 
 CHECK_FIRST = 8  # prompts checked against whole tokenization at the start
-CHECK_EVERY = 200  # then one prompt in this many
+CHECK_SHARE = 1 / 200  # then prompts are checked while fewer than this share of all tokens were
 DEFAULT_BUDGET_TOKENS = 4_000_000  # about 50 MB of cached pieces
 
 
@@ -135,6 +136,8 @@ class PieceTokenizer:
         self._cache: OrderedDict[str, _Piece] = OrderedDict()
         self._cached_tokens = 0
         self.prompts = 0
+        self.tokens_seen = 0
+        self.tokens_checked = 0
         self.pieces_tokenized = 0
         self.pieces_reused = 0
 
@@ -219,7 +222,9 @@ class PieceTokenizer:
             return whole.ids.tolist(), Offsets.whole(whole), None, None
         split = self._split_tokenize(text, previous)
         ids, offsets = split.ids, split.offsets
-        if self.prompts <= CHECK_FIRST or self.prompts % CHECK_EVERY == 0:
+        self.tokens_seen += len(ids)
+        if self.prompts <= CHECK_FIRST or self.tokens_checked < CHECK_SHARE * self.tokens_seen:
+            self.tokens_checked += len(ids)
             whole = self._whole(text)
             if ids != whole.ids or offsets != Offsets.whole(whole):
                 self.reason = "its pieces tokenized differently from the whole prompt (checked on a sample)"

@@ -35,6 +35,10 @@ record                                     seen in
 ``session_id`` is read from the record, the body or ``metadata`` (another field name with
 ``--session-field``); a timestamp from ``timestamp``, ``created_at``, ``startTime``,
 ``requestedAt``, Helicone's ``timing`` (Unix seconds or milliseconds, or ISO 8601).
+
+Records of ``python -m harness.proxy`` (``"recorded_by": "harness.proxy"``) whose call the
+server never served (an HTTP error, an upstream that could not be reached, a body that is not
+JSON) are skipped with a warning, not analysed: the engine never computed their prompts.
 """
 
 from __future__ import annotations
@@ -106,6 +110,21 @@ class ChatRequest:
     @property
     def messages(self) -> list[dict[str, Any]]:
         return list(self.body["messages"])
+
+
+class NotServed(UserError):
+    """A proxy record of a call the server did not serve: skipped, whatever ``--skip-bad`` says."""
+
+
+def _not_served(record: dict[str, Any]) -> str | None:
+    if record.get("recorded_by") != "harness.proxy":
+        return None
+    status = record.get("status")
+    if not isinstance(status, int) or not 200 <= status < 300:
+        return f"the call failed (HTTP {status}): the server did not serve it"
+    if not isinstance(record.get("request"), dict):
+        return "the request body is not a JSON object"
+    return None
 
 
 @dataclass(frozen=True)
@@ -328,6 +347,9 @@ def parse_record(text: str, line: int, session_field: str = "session_id") -> Cha
         raise _bad(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise _bad(line, f"expected a JSON object, got {type(record).__name__}")
+    not_served = _not_served(record)
+    if not_served is not None:
+        raise NotServed(f"line {line}: {not_served}")
     body, response, url = unwrap(record)
     if body is None:
         if "messages" in record:
@@ -392,6 +414,10 @@ def read_requests(
             except UnicodeDecodeError:
                 raise _bad(number, "not UTF-8 text") from None
             requests.append(parse_record(text, number, session_field))
+        except NotServed as exc:
+            skipped.append(SkippedLine(number, str(exc)))
+            if warn is not None:
+                warn(f"{path}: {exc} (skipped)")
         except UserError as exc:
             if not skip_bad:
                 raise UserError(f"{path}: {exc}", exc.exit_code) from None

@@ -1,0 +1,480 @@
+"""The live explanation: one console line per call, from the explainer itself, off the request path.
+
+The analysis runs in its own process (``spawn``; lower CPU priority), fed the log's records in
+the order sent through a queue. The proxy never waits for it: a record is handed over after it
+is written, and if the analysis falls ``MAX_BACKLOG`` records behind, the next ones are logged but
+not analysed live (said once; ``python -m harness.explain LOG`` has them all). vLLM's chat
+rendering takes 10-20 s to load: traffic flows meanwhile, and the records wait in the queue.
+
+Per record the worker does what ``python -m harness.explain`` does per line, incrementally: the
+record is read by ``harness.explain.parse_record`` and explained by one ``LogExplainer``, which
+keeps each session's state (nothing is re-read). So the live lines are the explainer's own
+verdicts on the log as it grows. A line shows::
+
+    10:15:02 line 4 atlas-openai chat/stream 200 | prompt 1,887 | cached: reported 480, predicted 480 | break
+      at token 496 of 1,887, msg 0 (system), vs line 3: lost 1,280 tokens (40 blocks of 32), $0.0034 ...
+      before '…type": "function", "function": {"name": "'
+      now    'read'  (line 3 had 'search')
+      after  '_file", "description": "Read a text file,…'
+      hint   tools_reordered: '#0 search_code' -> '#0 read_file'; the same tools in another order; ...
+
+``reported`` is what the upstream said (``cached_tokens``, ``cache_read_input_tokens``),
+``predicted`` the explainer's count for a vLLM cache with this model, template and block size;
+a disagreement is named with its likely cause. Dollars (``--provider``) are the break's cost
+under that provider's rules: the log so far priced with ``harness.explain.costs.price_log``, so
+the figure equals the one the explainer gives for that line afterwards.
+
+Fail open: a record the explainer cannot read (a Responses API body before the explainer reads
+them, an HTTP error, a body vLLM refuses) gets a line saying so, its reason spelled out the first
+time; an error inside the analysis is reported once and the next record is analysed as usual. If
+the renderer cannot load at all, the analysis stops and says why; recording goes on.
+
+At the end (Ctrl-C) the worker prints the explainer's summary for what passed: tokens, hit rate,
+breaks and what they lost by cause, agreement with the reported counts, the volatile spans, and
+with ``--provider`` the cost table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError, first_line
+from harness.proxy.record import Written
+
+MAX_BACKLOG = 2000  # records waiting for the analysis before new ones are logged only
+NICE = 10  # the analysis yields the CPU to the proxy and to a local engine
+DISCOVERY_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What the analysis process needs (plain values: it is pickled to a spawned process)."""
+
+    upstream: str
+    model: str | None
+    chat_template: str | None
+    block_size: int | None
+    scope: str
+    providers: tuple[str, ...]
+    prices: str | None
+    context_tokens: int
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """What a vLLM upstream says about itself on ``/metrics`` (open even with ``--api-key``)."""
+
+    model: str | None  # the served model's name (its path, unless --served-model-name)
+    block_size: int | None
+
+
+def discover(upstream: str) -> Discovered | None:
+    """Read a vLLM upstream's model and block size; None when it is not one (or not reachable)."""
+    from harness.metrics import metric_label
+
+    try:
+        with urllib.request.urlopen(upstream + "/metrics", timeout=DISCOVERY_TIMEOUT_S) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except Exception:
+        return None
+    if "vllm:" not in text:
+        return None
+    block = metric_label(text, "vllm:cache_config_info", "block_size")
+    model = None
+    for metric in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total"):
+        model = metric_label(text, metric, "model_name")
+        if model:
+            break
+    return Discovered(model, int(block) if block and block.isdigit() else None)
+
+
+# --------------------------------------------------------------------------- the proxy's side
+
+
+class LiveAnalysis:
+    """The analysis process seen from the proxy: ``start``, ``submit`` records, ``finish``."""
+
+    def __init__(self, settings: LiveSettings, warn: Any) -> None:
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no aiohttp loop inside
+        self._queue: Any = context.Queue()
+        self._done: Any = context.Value("l", 0)  # records the worker has taken
+        self._process = context.Process(
+            target=run_worker, args=(settings, self._queue, self._done), name="proxy-analysis", daemon=True
+        )
+        self.warn = warn
+        self.sent = 0
+        self.skipped = 0
+        self._warned = False
+
+    def start(self) -> None:
+        self._process.start()
+
+    @property
+    def backlog(self) -> int:
+        return self.sent - int(self._done.value)
+
+    def submit(self, written: Written) -> None:
+        """Hand one record over (from the recorder's thread); never blocks."""
+        if not self._process.is_alive() and self._process.exitcode is not None:
+            return
+        self.sent += 1
+        if self.backlog > MAX_BACKLOG:
+            self.skipped += 1
+            self._queue.put((written.line, None))  # the worker counts what it did not see
+            if not self._warned:
+                self._warned = True
+                self.warn(
+                    f"the live analysis is {MAX_BACKLOG} calls behind: calls are logged but not analysed "
+                    "live until it catches up (python -m harness.explain on the log has them all)"
+                )
+            return
+        self._queue.put((written.line, written.data))
+
+    def finish(self) -> None:
+        """Let the worker analyse what it has, print the summary, and exit. A second Ctrl-C
+        stops it at once (``KeyboardInterrupt`` reaches the caller after it is stopped)."""
+        self._queue.put(None)
+        try:
+            self._process.join()
+        except KeyboardInterrupt:
+            self.terminate()
+            raise
+
+    def terminate(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def run_worker(settings: LiveSettings, queue: Any, done: Any) -> None:
+    """The analysis process's main: Ctrl-C is the proxy's to handle (it then sends the end)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    Worker(settings).run(queue, done)
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _clip(text: str, width: int, keep: str) -> str:
+    """``text`` quoted on one line, cut to ``width`` characters on the side away from the break."""
+    if len(text) > width:
+        text = "…" + text[-(width - 1) :] if keep == "end" else text[: width - 1] + "…"
+    return repr(text)
+
+
+@dataclass
+class _Outcome:
+    """What one record came to."""
+
+    analysed: bool
+    reason: str | None = None  # why not, when it was not
+
+
+class Worker:
+    """Reads records one by one into a ``LogExplainer`` and prints a line for each."""
+
+    def __init__(self, settings: LiveSettings) -> None:
+        from harness.console import new_console
+
+        self.settings = settings
+        self.console = new_console(off_terminal_width=200)
+        self.explainer: Any = None
+        self.renderer: Any = None
+        self.model_name = ""
+        self.block_size = 0
+        self.requests: list[Any] = []
+        self.explanations: list[Any] = []
+        self.not_analysed: Counter[str] = Counter()
+        self.skipped = 0
+        self.reasons_told: set[str] = set()
+        self.errors_told: set[str] = set()
+        self.table: Any = None
+        self.providers: list[str] = list(settings.providers)
+
+    # ------------------------------------------------------------------ setup
+
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def load(self) -> bool:
+        """The renderer and the explainer; False (said once) when the analysis cannot run."""
+        from harness.explain.cli import DEFAULT_BLOCK_SIZE
+        from harness.model import resolve_model
+
+        s = self.settings
+        notes: list[str] = []
+        found = discover(s.upstream)
+        model = s.model
+        if model is None and found is not None and found.model:
+            if (Path(found.model) / "config.json").is_file():
+                model = found.model
+                notes.append("model read from the upstream's /metrics")
+            else:
+                notes.append(
+                    f"the upstream serves {found.model}, not a local folder: pass --model to predict with it"
+                )
+        if found is None:
+            notes.append(
+                "the upstream is not a vLLM server (or hides /metrics): predicting what a vLLM cache "
+                "would serve; a hosted API's own rendering and rules are approximated, its reported "
+                "counts are the truth"
+            )
+        try:
+            spec = resolve_model(model)
+            self.block_size = s.block_size or (found.block_size if found else None) or DEFAULT_BLOCK_SIZE
+            if s.block_size is None and found is not None and found.block_size:
+                notes.append(f"block size {found.block_size} read from the upstream's /metrics")
+            template = Path(s.chat_template) if s.chat_template else None
+            self.model_name = spec.display_name + (f" + {template.name}" if template else "")
+            if s.providers or s.prices:
+                from harness.providers import load_table
+
+                self.table = load_table(Path(s.prices) if s.prices else None)
+            self.say(f"analysis: loading vLLM's chat rendering for {self.model_name} (10-20 s) ...", "dim")
+            from harness.explain import LogExplainer
+            from harness.explain.render import ChatRenderer
+
+            self.renderer = ChatRenderer(spec.name_or_path, template)
+            self.explainer = LogExplainer(self.renderer, self.block_size, s.context_tokens, s.scope)
+        except Exception as exc:  # UserError or anything vLLM raises: the proxy goes on recording
+            self.say(f"analysis off: {first_line(exc)} (the proxy goes on recording)", "yellow")
+            return False
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        self.say(
+            f"analysis ready: {self.model_name}, block size {self.block_size}, scope {s.scope}{extra}", "dim"
+        )
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, queue: Any, done: Any) -> None:
+        ready = self.load()
+        while True:
+            item = queue.get()
+            if item is None:
+                break
+            with done.get_lock():
+                done.value += 1
+            line, data = item
+            if data is None:
+                self.skipped += 1
+            elif ready:
+                self.one(line, data)
+        if ready:
+            self.summary()
+
+    def one(self, line: int, data: bytes) -> None:
+        try:
+            record = json.loads(data)
+        except ValueError:
+            return
+        outcome, explanation = self.analyse(line, data)
+        if not outcome.analysed:
+            self.not_analysed[outcome.reason or "unknown"] += 1
+        if not self.settings.quiet:
+            self.show(line, record, explanation, outcome)
+
+    def analyse(self, line: int, data: bytes) -> tuple[_Outcome, Any]:
+        from harness.explain import parse_record
+        from harness.explain.formats import NotServed
+
+        try:
+            request = parse_record(data.decode("utf-8"), line)
+        except NotServed:
+            return _Outcome(False, "not served"), None
+        except UserError as exc:
+            return _Outcome(False, _reason(str(exc))), None
+        try:
+            explanation = self.explainer.explain(request)
+        except UserError as exc:
+            return _Outcome(False, _reason(str(exc))), None
+        except Exception as exc:  # fail open: said once, the next record is analysed as usual
+            kind = type(exc).__name__
+            if kind not in self.errors_told:
+                self.errors_told.add(kind)
+                self.say(
+                    f"analysis error on line {line}: {kind}: {first_line(exc)} (reported once)", "yellow"
+                )
+            return _Outcome(False, f"analysis error ({kind})"), None
+        self.requests.append(request)
+        self.explanations.append(explanation)
+        return _Outcome(True), explanation
+
+    # ------------------------------------------------------------------ the console
+
+    def show(self, line: int, record: dict[str, Any], e: Any, outcome: _Outcome) -> None:
+        api = str(record.get("url", "")).rstrip("/").rsplit("/", 1)[-1]
+        api = {"completions": "chat"}.get(api, api)
+        kind = f"{api}/stream" if record.get("stream") else api
+        status = record.get("status")
+        session = record.get("session_id") or "-"
+        shown = status if status is not None else "-"
+        head = f"{time.strftime('%H:%M:%S')} line {line} {session} {kind} {shown}"
+        if record.get("incomplete"):
+            head += " incomplete"
+        reported = reported_usage(record)
+        if e is None:
+            prompt, cached = reported
+            text = (
+                f"{head} | prompt {_n(prompt)} | cached: reported {_n(cached)}"
+                if prompt is not None
+                else head
+            )
+            why = outcome.reason or ""
+            if why not in self.reasons_told:
+                self.reasons_told.add(why)
+                detail = record.get("error") if why == "not served" else None
+                why = f"{why}: {detail}" if detail else why
+            elif why.startswith("not served") or len(why) > 48:
+                why = why.split(":")[0]
+            self.say(f"{text} | not analysed: {why}", "dim")
+            return
+        r = e.reconciliation
+        if r is not None:
+            cached = f"reported {r.reported_cached_tokens:,}, predicted {e.predicted_cached_tokens:,}"
+        else:
+            cached = f"reported {_n(reported[1])}, predicted {e.predicted_cached_tokens:,}"
+        status_text = e.status
+        if e.status == "cold" and e.cached_from_line is not None:
+            status_text = f"cold (shared with line {e.cached_from_line})"
+        style = {"break": "bold red", "extends": "green", "repeat": "green"}.get(e.status)
+        self.say(f"{head} | prompt {e.prompt_tokens:,} | cached: {cached} | {status_text}", style)
+        if r is not None and not r.agrees:
+            self.say(f"  reported != predicted: {r.cause}: {r.detail}", "yellow")
+        if e.is_break and e.divergence is not None:
+            self.show_break(e)
+
+    def show_break(self, e: Any) -> None:
+        d, b = e.divergence, self.block_size
+        where = "the generation prompt" if e.message_index is None else f"msg {e.message_index} ({e.role})"
+        money = self.dollars(e)
+        self.say(
+            f"  at token {e.first_divergence:,} of {e.prompt_tokens:,}, {where}, vs line {e.reference_line}: "
+            f"lost {e.lost_tokens:,} tokens ({e.lost_tokens // b} blocks of {b}){money}"
+        )
+        self.say(f"  before {_clip(d.before, 60, 'end')}")
+        had = _clip(d.previous_token, 30, "start")
+        self.say(f"  now    {_clip(d.token, 30, 'start')}  (line {e.reference_line} had {had})")
+        self.say(f"  after  {_clip(d.after, 60, 'start')}")
+        if e.hint is not None:
+            self.say(f"  hint   {e.hint.describe()}", "yellow")
+
+    def dollars(self, e: Any) -> str:
+        """The break's cost under each --provider: the log so far priced, this line's difference."""
+        if not self.providers or self.table is None:
+            return ""
+        from harness.explain.costs import price_log
+
+        try:
+            costs = price_log(self.providers, self.requests, self.explanations, self.table, self.model_name)
+        except Exception as exc:
+            if "price" not in self.errors_told:
+                self.errors_told.add("price")
+                self.say(f"pricing error: {first_line(exc)} (reported once)", "yellow")
+            return ""
+        parts = []
+        for cost in costs:
+            usage = cost.usages[-1]
+            if usage.cost_usd is None or usage.cost_if_extended_usd is None:
+                parts.append(f"{cost.provider_model} no price (--prices)")
+            else:
+                lost = max(0.0, usage.cost_usd - usage.cost_if_extended_usd)
+                parts.append(f"${lost:,.4f} {cost.provider_model}{' ~' if usage.approximate else ''}")
+        return ", " + ", ".join(parts) if parts else ""
+
+    # ------------------------------------------------------------------ the end
+
+    def summary(self) -> None:
+        from rich.text import Text
+
+        from harness.explain.costs import price_log, usd_by_line
+        from harness.explain.report import SCOPE_MEANING, cost_table, spans_table, summary
+        from harness.explain.spans import find_spans
+
+        analysed = len(self.explanations)
+        not_analysed = sum(self.not_analysed.values()) + self.skipped
+        self.say("")
+        self.say(
+            f"summary of the live analysis ({self.model_name}, block size {self.block_size}, scope "
+            f"{self.settings.scope}: {SCOPE_MEANING.get(self.settings.scope, '')})",
+            "bold",
+        )
+        if not_analysed:
+            reasons = dict(self.not_analysed)
+            if self.skipped:
+                reasons["not sent to the analysis (it was behind)"] = self.skipped
+            parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+            self.say(f"  {analysed} calls analysed, {not_analysed} not: {parts}")
+        if not analysed:
+            return
+        s = summary(self.explanations)
+        by_hint = ", ".join(f"{k} {v:,}" for k, v in s["lost_by_hint"].items())
+        self.say(
+            f"  {s['requests']} requests, {s['prompt_tokens']:,} prompt tokens, "
+            f"{s['predicted_cached_tokens']:,} predicted cached ({s['hit_rate']:.1%}); {s['breaks']} breaks "
+            f"lost {s['lost_tokens']:,} tokens" + (f" ({by_hint})" if by_hint else "")
+        )
+        if "reported" in s:
+            r = s["reported"]
+            self.say(
+                f"  the reported cached tokens ({r['reported_cached_tokens']:,}) agree with the prediction "
+                f"on {r['agree']} of {r['requests']} requests with usage",
+                "green" if r["agree"] == r["requests"] else "yellow",
+            )
+        costs: list[Any] = []
+        if self.providers and self.table is not None:
+            try:
+                costs = price_log(
+                    self.providers, self.requests, self.explanations, self.table, self.model_name
+                )
+            except Exception as exc:
+                self.say(f"  pricing error: {first_line(exc)}", "yellow")
+        try:
+            spans = find_spans(self.explanations, self.renderer.decode, usd_by_line(costs, self.explanations))
+        except Exception as exc:
+            spans = []
+            self.say(f"  volatile spans not computed: {first_line(exc)}", "yellow")
+        if spans:
+            self.console.print(spans_table(spans))
+        if costs:
+            self.console.print(cost_table(costs))
+        self.console.print(Text(""))
+
+
+def _reason(message: str) -> str:
+    """A not-analysed reason without its line prefix (the console line names the line)."""
+    text = message.split(": ", 1)[1] if message.startswith("line ") and ": " in message else message
+    return text
+
+
+def reported_usage(record: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(prompt tokens, cached tokens) as the upstream reported them, in any of the three APIs."""
+    from harness.explain.formats import parse_response
+
+    response = record.get("response")
+    parsed = parse_response(response, "")  # Chat Completions and Anthropic Messages
+    if parsed is not None and parsed.usage is not None:
+        return parsed.usage.prompt_tokens, parsed.usage.cached_tokens
+    usage = response.get("usage") if isinstance(response, dict) else None
+    details = usage.get("input_tokens_details") if isinstance(usage, dict) else None
+    if isinstance(usage, dict) and isinstance(details, dict):  # Responses API
+        prompt, cached = usage.get("input_tokens"), details.get("cached_tokens")
+        return (prompt if isinstance(prompt, int) else None, cached if isinstance(cached, int) else None)
+    return None, None

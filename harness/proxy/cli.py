@@ -27,6 +27,7 @@ from harness.proxy.sessions import DEFAULT_HEADER, SessionResolver
 
 DEFAULT_PORT = 8800
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SWITCH_INTERVAL_S = 0.0005
 
 
 class _Parser(argparse.ArgumentParser):
@@ -259,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
             "proxy (to the upstream, with its own credentials or none) and into your log"
         )
     live = LiveAnalysis(live_settings, warn) if live_settings is not None else None
+    # The recorder thread shares the GIL with the event loop: a waiting loop gets it back within
+    # 0.5 ms instead of Python's default 5 ms, which would show in a stream's p99.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     runner = _event_loop()
     try:
         proxy, recorder = runner.run(serve(settings, log_path, live))

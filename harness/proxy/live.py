@@ -1,6 +1,7 @@
 """The live explanation: one console line per call, from the explainer itself, off the request path.
 
-The analysis runs in its own process (``spawn``; lower CPU priority), fed the log's records in
+The analysis runs in its own process (``spawn``; Linux's idle scheduling class: it runs only on
+CPU time nothing else wants), fed the log's records in
 the order sent through a queue. The proxy never waits for it: a record is handed over after it
 is written, and if the analysis falls ``MAX_BACKLOG`` records behind, the next ones are logged but
 not analysed live (said once; ``python -m harness.explain LOG`` has them all). vLLM's chat
@@ -52,7 +53,7 @@ from harness.errors import UserError, first_line
 from harness.proxy.record import Written
 
 MAX_BACKLOG = 2000  # records waiting for the analysis before new ones are logged only
-NICE = 10  # the analysis yields the CPU to the proxy and to a local engine
+NICE = 19  # where the idle scheduling class is missing: the lowest priority instead
 DISCOVERY_TIMEOUT_S = 3.0
 
 
@@ -160,11 +161,21 @@ class LiveAnalysis:
 # --------------------------------------------------------------------------- the worker
 
 
+def yield_the_cpu() -> None:
+    """Run only when the CPU has nothing else to do (Linux ``SCHED_IDLE``, which any process may
+    choose; elsewhere the lowest nice value): the analysis never takes a core from the proxy, the
+    agent or a local engine. On a saturated machine it falls behind and catches up when idle."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(NICE)
+
+
 def run_worker(settings: LiveSettings, queue: Any, done: Any) -> None:
     """The analysis process's main: Ctrl-C is the proxy's to handle (it then sends the end)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
+    yield_the_cpu()
     Worker(settings).run(queue, done)
 
 
@@ -265,9 +276,19 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     def run(self, queue: Any, done: Any) -> None:
+        import queue as queues
+
         ready = self.load()
+        parent = multiprocessing.parent_process()
         while True:
-            item = queue.get()
+            try:
+                item = queue.get(timeout=1.0)
+            except queues.Empty:
+                # The queue's pipe came here whole (both ends): a proxy killed outright never
+                # closes it, so ask whether the proxy is still there.
+                if parent is not None and not parent.is_alive():
+                    return
+                continue
             if item is None:
                 break
             with done.get_lock():
@@ -300,6 +321,8 @@ class Worker:
         except NotServed:
             return _Outcome(False, "not served"), None
         except UserError as exc:
+            if b'"url":' in data and '"messages" list' in str(exc) and _is_responses(data):
+                return _Outcome(False, "the explainer does not read Responses API bodies yet"), None
             return _Outcome(False, _reason(str(exc))), None
         try:
             explanation = self.explainer.explain(request)
@@ -338,12 +361,11 @@ class Worker:
                 else head
             )
             why = outcome.reason or ""
-            if why not in self.reasons_told:
-                self.reasons_told.add(why)
-                detail = record.get("error") if why == "not served" else None
-                why = f"{why}: {detail}" if detail else why
-            elif why.startswith("not served") or len(why) > 48:
-                why = why.split(":")[0]
+            if why == "not served":  # the call's own error says why, every time
+                why = str(record.get("error") or f"HTTP {status}: the server did not serve it")
+            elif why in self.reasons_told and len(why) > 60:
+                why = why[:57] + "... (as above)"
+            self.reasons_told.add(outcome.reason or "")
             self.say(f"{text} | not analysed: {why}", "dim")
             return
         r = e.reconciliation
@@ -428,8 +450,8 @@ class Worker:
         by_hint = ", ".join(f"{k} {v:,}" for k, v in s["lost_by_hint"].items())
         self.say(
             f"  {s['requests']} requests, {s['prompt_tokens']:,} prompt tokens, "
-            f"{s['predicted_cached_tokens']:,} predicted cached ({s['hit_rate']:.1%}); {s['breaks']} breaks "
-            f"lost {s['lost_tokens']:,} tokens" + (f" ({by_hint})" if by_hint else "")
+            f"{s['predicted_cached_tokens']:,} predicted cached ({s['hit_rate']:.1%}); "
+            f"breaks: {s['breaks']}, lost {s['lost_tokens']:,} tokens" + (f" ({by_hint})" if by_hint else "")
         )
         if "reported" in s:
             r = s["reported"]
@@ -456,6 +478,14 @@ class Worker:
         if costs:
             self.console.print(cost_table(costs))
         self.console.print(Text(""))
+
+
+def _is_responses(data: bytes) -> bool:
+    try:
+        url = json.loads(data).get("url", "")
+    except ValueError:
+        return False
+    return isinstance(url, str) and url.rstrip("/").endswith("/responses")
 
 
 def _reason(message: str) -> str:

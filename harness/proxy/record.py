@@ -38,6 +38,7 @@ import json
 import os
 import queue
 import threading
+import time
 import urllib.parse
 import zlib
 from collections.abc import Callable
@@ -65,6 +66,7 @@ RECORDED_HEADERS = (
 SECRET_PARAM_PARTS = ("key", "token", "secret", "sig", "auth", "password", "credential", "code")
 REDACTED = "REDACTED"
 TEXT_KEPT = 65_536  # characters of a body that is not JSON kept in the record
+RECORDER_NICE = 10
 
 
 @dataclass
@@ -382,6 +384,9 @@ class Recorder:
             self.warn(message)
 
     def _run(self) -> None:
+        # Below the event loop's thread in the OS's eyes (Linux: a thread has its own nice value).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICE)
         pending: dict[int, Call] = {}
         next_seq = 0
         while True:
@@ -392,6 +397,7 @@ class Recorder:
             while next_seq in pending:
                 self._record(pending.pop(next_seq))
                 next_seq += 1
+                time.sleep(0)  # hand the GIL to the event loop if it waits: a burst never holds it
         for seq in sorted(pending):  # only after a call whose record never came (a bug): keep the rest
             self._record(pending.pop(seq))
 

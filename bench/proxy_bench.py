@@ -4,8 +4,8 @@ through the proxy, and whether every streamed byte arrives as it would directly.
 Two upstreams, each run the same way:
 
 * ``fake``: a tiny aiohttp server in its own process that answers at once (a chat completion, or
-  a stream of 16 chunks 20 ms apart, as a hosted API streams, plus usage and ``[DONE]``). It costs next to nothing, so what
-  the proxy adds is the proxy's own cost;
+  a stream of 16 chunks 20 ms apart, as a hosted API streams, plus usage and ``[DONE]``). It costs
+  next to nothing, so what the proxy adds is the proxy's own cost;
 * ``vllm``: the embedded model's OpenAI-compatible vLLM server (SmolLM2-135M-Instruct, CPU),
   prompts warmed first so every call is a cache hit, 16 tokens generated, greedy.
 

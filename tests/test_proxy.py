@@ -8,10 +8,12 @@ import base64
 import http.client
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -367,10 +369,9 @@ def call(seq: int, body: bytes, status: int = 200, **fields: Any) -> Call:
         url="http://up/v1/chat/completions",
         query="",
         headers={},
-        session_header=None,
         body=body,
         status=status,
-        **fields,
+        **({"session_header": None} | fields),
     )
 
 
@@ -548,3 +549,86 @@ def test_the_record_schema_covers_a_failed_call(tmp_path: Path) -> None:
     )
     validate("proxy-record", record)
     assert record["incomplete"] is True and record["response"] is None
+
+
+# --------------------------------------------------------------------------- the live analysis
+
+
+def chat_record(seq: int, messages: list[dict[str, Any]], cached: int | None, status: int = 200) -> bytes:
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    reply = {"role": "assistant", "content": "Looking at it."}
+    response: dict[str, Any] = {"id": f"c{seq}", "object": "chat.completion"}
+    response["choices"] = [{"index": 0, "message": reply, "finish_reason": "stop"}]
+    if cached is not None:
+        response["usage"] = {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": cached}}
+    if status != 200:
+        response = {"error": {"message": "Unauthorized"}}
+    chunks = [json.dumps(response).encode()]
+    c = call(seq, body, status, chunks=chunks, content_type="application/json", session_header="agent")
+    return json.dumps(build_record(c, SessionResolver())).encode()
+
+
+def test_the_live_analysis_fails_open_and_says_why_once(chat_renderer: Any) -> None:
+    """Records the explainer cannot read, calls that failed, and an error inside the analysis each
+    get a line saying so; the records after them are analysed as usual."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from harness.explain import LogExplainer
+    from harness.proxy.live import LiveSettings, Worker
+
+    settings = LiveSettings("http://127.0.0.1:9", None, None, 32, "shared", (), None, 12, False)
+    worker = Worker(settings)
+    out = StringIO()
+    worker.console = Console(file=out, width=400)
+    worker.renderer, worker.block_size, worker.model_name = chat_renderer, 32, "SmolLM2"
+    worker.explainer = LogExplainer(chat_renderer, 32)
+    system = {"role": "system", "content": "You are a careful agent. " * 30}
+    first = [system, {"role": "user", "content": "Fix money.py."}]
+    second = [
+        *first,
+        {"role": "assistant", "content": "Looking at it."},
+        {"role": "user", "content": "Go on."},
+    ]
+    worker.one(1, chat_record(0, first, None))
+    unknown = json.dumps({"model": "m", "prompt": "a completions body"}).encode()
+    worker.one(2, json.dumps(build_record(call(1, unknown, chunks=[b"{}"]), SessionResolver())).encode())
+    worker.one(3, chat_record(2, second, None, status=401))
+    real = worker.explainer.explain
+    worker.explainer.explain = lambda request: (_ for _ in ()).throw(RuntimeError("boom"))
+    worker.one(4, chat_record(3, second, None))
+    worker.one(5, chat_record(4, second, None))
+    worker.explainer.explain = real
+    worker.one(6, chat_record(5, second, None))
+    worker.summary()
+    lines = out.getvalue().splitlines()
+    text = out.getvalue()
+    assert re.search(
+        r"line 1 agent chat 200 \| prompt [\d,]+ \| reported cached - \| predicted 0 \| cold", text
+    )
+    assert 'line 2 - chat 200 | not analysed: no "messages" list' in text
+    assert "line 3 agent chat 401 | not analysed: HTTP 401: the server did not serve it" in text
+    assert sum("(reported once)" in line for line in lines) == 1
+    assert "analysis error on line 4: RuntimeError: boom (reported once)" in text
+    assert re.search(
+        r"line 6 agent chat 200 \| prompt [\d,]+ \| reported cached - \| predicted 192 \| extends", text
+    )
+    assert "2 calls analysed, 4 not" in text
+
+
+def test_the_analysis_process_ends_when_the_proxy_is_killed(upstream: FakeUpstream, tmp_path: Path) -> None:
+    import psutil
+
+    proxy = ProxyProcess("--upstream", upstream.url, "--log", str(tmp_path / "log.jsonl"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("analysis: loading" in line for line in proxy.out) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the analysis process is running (loading vLLM's renderer)
+        children = psutil.Process(proxy.proc.pid).children()
+        workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert workers, [c.cmdline() for c in children]
+    finally:
+        proxy.kill()  # SIGKILL: nothing of the proxy's runs after it
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "the analysis process outlived the proxy"

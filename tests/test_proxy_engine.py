@@ -180,7 +180,7 @@ def responses_agent(client: openai.OpenAI, nonce: str) -> list[Any]:
 
 
 LIVE = re.compile(
-    r" line (\d+) (\S+) (\S+) (\d+)(?: incomplete)? \| prompt ([\d,-]+) \| cached: reported ([\d,-]+)(.*)"
+    r" line (\d+) (\S+) (\S+) (\d+)(?: incomplete)? \| prompt ([\d,-]+) \| reported cached ([\d,-]+) \| (.*)"
 )
 
 
@@ -267,9 +267,9 @@ def test_sdk_calls_through_the_proxy_are_logged_as_sent_and_got_and_explained(
     lines = live_lines(out)
     assert sorted(lines) == list(range(1, 8)), out
     for number in range(1, 6):  # Chat Completions and Messages: the explainer reads them
-        reported = re.search(r"predicted ([\d,]+)", lines[number].group(7))
-        assert reported is not None, lines[number].group(0)
-        assert lines[number].group(6) == reported.group(1), lines[number].group(0)
+        predicted = re.match(r"predicted ([\d,]+) \|", lines[number].group(7))
+        assert predicted is not None, lines[number].group(0)
+        assert lines[number].group(6) == predicted.group(1), lines[number].group(0)  # reported == predicted
     assert lines[3].group(7).endswith("| break")
     assert "tools_reordered" in out
     assert int(lines[2].group(6).replace(",", "")) > 0  # the second turn extended the first
@@ -294,6 +294,6 @@ def test_sdk_calls_through_the_proxy_are_logged_as_sent_and_got_and_explained(
     for row in rows.values():
         assert row["reported_cached_tokens"] == row["predicted_cached_tokens"], row
     assert rows[3]["status"] == "break" and rows[3]["hint"] == "tools_reordered"
-    assert [rows[n]["predicted_cached_tokens"] for n in range(1, 6)] == [
-        int(lines[n].group(6).replace(",", "")) for n in range(1, 6)
-    ]
+    assert [f"{rows[n]['predicted_cached_tokens']:,}" for n in range(1, 6)] == [
+        lines[n].group(6) for n in range(1, 6)
+    ]  # the live analysis and the explainer afterwards: the same counts

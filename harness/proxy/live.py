@@ -12,7 +12,7 @@ record is read by ``harness.explain.parse_record`` and explained by one ``LogExp
 keeps each session's state (nothing is re-read). So the live lines are the explainer's own
 verdicts on the log as it grows. A line shows::
 
-    10:15:02 line 4 atlas-openai chat/stream 200 | prompt 1,887 | cached: reported 480, predicted 480 | break
+    10:15:02 line 4 atlas-openai chat/stream 200 | prompt 1,887 | reported cached 480 | predicted 480 | break
       at token 496 of 1,887, msg 0 (system), vs line 3: lost 1,280 tokens (40 blocks of 32), $0.0034 ...
       before '…type": "function", "function": {"name": "'
       now    'read'  (line 3 had 'search')
@@ -172,9 +172,23 @@ def yield_the_cpu() -> None:
             os.nice(NICE)
 
 
+def end_with_parent() -> None:
+    """Linux: the kernel ends this process when the proxy's dies (even killed outright, even while
+    vLLM is still loading here); ``Worker.run`` also checks, where this is not available."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        os._exit(0)
+
+
 def run_worker(settings: LiveSettings, queue: Any, done: Any) -> None:
     """The analysis process's main: Ctrl-C is the proxy's to handle (it then sends the end)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent()
     yield_the_cpu()
     Worker(settings).run(queue, done)
 
@@ -356,9 +370,7 @@ class Worker:
         if e is None:
             prompt, cached = reported
             text = (
-                f"{head} | prompt {_n(prompt)} | cached: reported {_n(cached)}"
-                if prompt is not None
-                else head
+                f"{head} | prompt {_n(prompt)} | reported cached {_n(cached)}" if prompt is not None else head
             )
             why = outcome.reason or ""
             if why == "not served":  # the call's own error says why, every time
@@ -369,15 +381,16 @@ class Worker:
             self.say(f"{text} | not analysed: {why}", "dim")
             return
         r = e.reconciliation
-        if r is not None:
-            cached = f"reported {r.reported_cached_tokens:,}, predicted {e.predicted_cached_tokens:,}"
-        else:
-            cached = f"reported {_n(reported[1])}, predicted {e.predicted_cached_tokens:,}"
+        reported_cached = r.reported_cached_tokens if r is not None else reported[1]
         status_text = e.status
         if e.status == "cold" and e.cached_from_line is not None:
             status_text = f"cold (shared with line {e.cached_from_line})"
         style = {"break": "bold red", "extends": "green", "repeat": "green"}.get(e.status)
-        self.say(f"{head} | prompt {e.prompt_tokens:,} | cached: {cached} | {status_text}", style)
+        self.say(
+            f"{head} | prompt {e.prompt_tokens:,} | reported cached {_n(reported_cached)} | "
+            f"predicted {e.predicted_cached_tokens:,} | {status_text}",
+            style,
+        )
         if r is not None and not r.agrees:
             self.say(f"  reported != predicted: {r.cause}: {r.detail}", "yellow")
         if e.is_break and e.divergence is not None:

@@ -12,7 +12,8 @@ The fake upstream (``FakeUpstream``) answers:
 * paths starting with ``/gate``: one SSE event, then waits until the test opens the gate, then a
   second one; ``/slow``: nothing for a minute; ``/cut``: two events, then the connection is
   dropped; ``/endless``: an event every 50 ms until the client goes (``gone`` is set when it
-  notices). ``/cut/v1/chat/completions`` is such a path and a recorded API call at once;
+  notices); ``/linger``: a whole chat stream, ``[DONE]`` included, then a second before the body
+  ends. ``/cut/v1/chat/completions`` is such a path and a recorded API call at once;
 * anything else: the exchange it received, as JSON (method, path, query, headers, body in base64).
 
 Every request it receives is appended to ``received`` (arrival order).
@@ -40,7 +41,7 @@ from harness.proxy.forward import Proxy, ProxySettings
 from harness.proxy.record import LogFile, Recorder, Written
 from harness.proxy.sessions import SessionResolver
 
-SPECIAL = ("/gate", "/cut", "/endless")
+SPECIAL = ("/gate", "/cut", "/endless", "/linger")
 COMPLETION = {
     "id": "chatcmpl-fake0",
     "object": "chat.completion",
@@ -344,6 +345,10 @@ class FakeUpstream:
             except (asyncio.CancelledError, ConnectionError):
                 self.gone.set()
                 raise
+        elif path.startswith("/linger"):
+            for chunk in chat_chunks(model, True):
+                await response.write(chunk)
+            await asyncio.sleep(1.0)
         elif path.endswith("/messages"):
             for chunk in anthropic_events(model):
                 await response.write(chunk)

@@ -344,6 +344,22 @@ def test_a_client_that_goes_away_cancels_the_upstream_call(upstream: FakeUpstrea
     assert record["error"] == "the client went away mid-response"
 
 
+def test_a_client_that_closes_after_the_end_of_the_stream_got_it_all(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """SDKs close the connection as soon as they read ``data: [DONE]``, before the HTTP body's own
+    end: the record is complete."""
+    log = tmp_path / "log.jsonl"
+    with running_proxy(upstream.url, log) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/linger/v1", api_key=SECRET, max_retries=0)
+        chunks = list(client.chat.completions.create(model="m", messages=[], stream=True))
+        assert chunks[-1].usage is not None
+        time.sleep(1.5)
+    (record,) = records(log)
+    assert "incomplete" not in record and "error" not in record
+    assert record["response"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+
+
 def test_a_full_disk_is_reported_once_and_the_analysis_still_gets_every_record(tmp_path: Path) -> None:
     warnings: list[str] = []
     written: list[Written] = []

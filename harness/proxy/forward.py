@@ -273,9 +273,9 @@ class Proxy:
                     return response
                 if not chunk:
                     break
-                if call is not None:
-                    call.chunks.append(chunk)
                 await response.write(chunk)
+                if call is not None:
+                    call.chunks.append(chunk)  # after the write: the record has what the client got
                 if first and call is not None:
                     call.ttfb_ms = (time.perf_counter() - start) * 1000.0
                 first = False

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -273,6 +274,9 @@ class Worker:
 
                 self.table = load_table(Path(s.prices) if s.prices else None)
             self.say(f"analysis: loading vLLM's chat rendering for {self.model_name} (10-20 s) ...", "dim")
+            # vLLM warns about its platform (Triton, model runner) before its logging is set up,
+            # through Python's last-resort handler: a handler of its own keeps that off the console.
+            logging.getLogger("vllm").addHandler(logging.NullHandler())
             from harness.explain import LogExplainer
             from harness.explain.render import ChatRenderer
 

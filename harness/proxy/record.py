@@ -192,7 +192,7 @@ def build_record(call: Call, sessions: SessionResolver) -> dict[str, Any]:
     raw = b"".join(call.chunks)
     decoded = decode_body(raw, call.content_encoding)
     stream = "text/event-stream" in call.content_type.lower()
-    incomplete = call.incomplete
+    incomplete, error = call.incomplete, call.error
     if decoded is None:
         notes.append(f"the response is encoded with {call.content_encoding!r}: not recorded")
     elif stream:
@@ -203,6 +203,10 @@ def build_record(call: Call, sessions: SessionResolver) -> dict[str, Any]:
             record["stream_error"] = assembled.error
         if not assembled.complete:
             incomplete = True
+        elif incomplete and error and error.startswith("the client went away"):
+            # It had the stream's end marker: SDKs close the connection right after it, before
+            # the HTTP body's own end arrives. The client got everything.
+            incomplete, error = False, None
         finished = assembled.complete and not call.incomplete  # a cut stream never got to its usage
         if finished and call.api == CHAT and isinstance(response, dict) and response.get("usage") is None:
             notes.append(
@@ -236,8 +240,8 @@ def build_record(call: Call, sessions: SessionResolver) -> dict[str, Any]:
     }
     if incomplete:
         head["incomplete"] = True
-    if call.error:
-        head["error"] = call.error
+    if error:
+        head["error"] = error
     if notes:
         head["notes"] = notes
     head["session_source"] = session.source

@@ -5,11 +5,11 @@ For each request:
 
 * method, path, query string, headers and body go upstream unchanged, except what HTTP itself
   says belongs to one hop (``Connection``, ``Keep-Alive``, ``Transfer-Encoding``, ``TE``,
-  ``Trailer``, ``Upgrade``, ``Proxy-*``, and ``Host``, which names the upstream). The client's
-  credentials (``Authorization``, ``x-api-key``, ``api-key``, ...) go with them: the upstream
-  needs them; nothing else sees them. The client adds no header of its own (no ``User-Agent``,
-  ``Accept-Encoding`` or ``Content-Type`` the client did not send), keeps no cookies, and
-  follows no redirects (they go back to the client);
+  ``Trailer``, ``Upgrade``, ``Proxy-*``, ``Expect``, and ``Host``, which names the upstream).
+  The client's credentials (``Authorization``, ``x-api-key``, ``api-key``, ...) go with them:
+  the upstream needs them; nothing else sees them. The proxy adds no header of its own (no
+  ``User-Agent``, ``Accept-Encoding`` or ``Content-Type`` the client did not send), keeps no
+  cookies, and follows no redirects (they go back to the client);
 * the response's status, headers and body come back byte for byte (compressed bodies stay
   compressed), each piece written to the client as soon as it arrives: a server-sent-event
   stream is never held back or buffered whole;
@@ -63,6 +63,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",  # set again from the body actually sent
+        "expect",  # 100-continue was the client's exchange with the proxy, already answered
     }
 )
 DEFAULT_CONNECT_TIMEOUT_S = 10.0

@@ -10,12 +10,16 @@ Two upstreams, each run the same way:
   prompts warmed first so every call is a cache hit, 16 tokens generated, greedy.
 
 For each upstream, streamed and not, with 1 and with 64 concurrent clients (each sending calls
-one after the other), rounds alternate between direct and proxied (which goes first alternates
-too), so drift in the machine's load hits both. The proxy runs as a user runs it
-(``python -m harness.proxy``: recording every call to a log, explaining each in its analysis
-process); against the fake upstream also with ``--record-only``, to show what the live
-analysis costs. Before each round the bench waits for the analysis to catch up (its console
-lines), so one round's analysis never runs during the next direct round.
+one after the other; the 64 start spread over one call's duration, so that 64 calls are in flight
+at every moment instead of arriving at once), rounds alternate between direct and proxied (which
+goes first alternates too), so drift in the machine's load hits both. Plain calls to the fake
+with 64 clients are a saturation test: it answers at once, so 64 clients in a loop ask for as
+many calls per second as the CPU can make, and what is added there is queueing at the proxy's
+throughput (``calls_per_s``). The proxy runs as a user runs it (``python -m harness.proxy``:
+recording every call to a log, explaining each in its analysis process); against the fake
+upstream also with ``--record-only``, to show what the live analysis costs. Before each round
+the bench waits for the analysis to catch up (its console lines), so one round's analysis never
+runs during the next direct round.
 
 Reported per case: p50 and p99 of time to first byte (the first body bytes: for a stream its
 first event) and to last byte, direct and proxied, and their differences ("added"). Streams are
@@ -202,6 +206,8 @@ class Case:
     concurrency: int
     direct: list[Sample] = field(default_factory=list)
     proxied: list[Sample] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)  # the machine's 1-minute load, before and after
+    seconds: dict[str, float] = field(default_factory=lambda: {"direct": 0.0, "proxy": 0.0})
 
 
 async def one_call(session: Any, url: str, body: bytes) -> Sample:
@@ -218,8 +224,10 @@ async def one_call(session: Any, url: str, body: bytes) -> Sample:
     return Sample(ttfb * 1000.0, ttlb * 1000.0, b"".join(parts))
 
 
-async def batch(base: str, bodies: list[list[bytes]]) -> list[Sample]:
-    """One client per list of bodies, all at once; each sends its bodies one after the other."""
+async def batch(base: str, bodies: list[list[bytes]], spread_s: float = 0.0) -> list[Sample]:
+    """One client per list of bodies, each sending its bodies one after the other; client i starts
+    ``i * spread_s / clients`` seconds in, so that with ``spread_s`` one call's duration the calls
+    are in flight all the time rather than arriving 64 at once."""
     import aiohttp
 
     url = base + "/v1/chat/completions"
@@ -227,10 +235,11 @@ async def batch(base: str, bodies: list[list[bytes]]) -> list[Sample]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
 
-        async def client(own: list[bytes]) -> list[Sample]:
+        async def client(index: int, own: list[bytes]) -> list[Sample]:
+            await asyncio.sleep(index * spread_s / len(bodies))
             return [await one_call(session, url, body) for body in own]
 
-        results = await asyncio.gather(*(client(own) for own in bodies))
+        results = await asyncio.gather(*(client(i, own) for i, own in enumerate(bodies)))
     return [sample for samples in results for sample in samples]
 
 
@@ -269,6 +278,9 @@ def summarize(case: Case) -> dict[str, Any]:
         "stream": case.stream,
         "concurrency": case.concurrency,
         "calls": len(case.proxied),
+        "load_1min": [round(x, 2) for x in case.load],  # others' work on the machine shows here
+        "calls_per_s_direct": round(len(case.direct) / case.seconds["direct"], 1),
+        "calls_per_s_proxy": round(len(case.proxied) / case.seconds["proxy"], 1),
     }
     for metric in ("ttfb_ms", "ttlb_ms"):
         for q in (50, 99):
@@ -288,17 +300,26 @@ def summarize(case: Case) -> dict[str, Any]:
     return out
 
 
+def call_duration_s(base: str, model: str, stream: bool, prompts: list[str]) -> float:
+    """One call's duration, start to end: how far apart 64 clients start."""
+    return asyncio.run(batch(base, bodies_for(model, stream, 1, 1, prompts)))[0].ttlb_ms / 1000.0
+
+
 def run_case(
     case: Case, direct: str, proxy: ProxyRun, model: str, prompts: list[str], rounds: int, per: int
 ) -> None:
+    case.load.append(os.getloadavg()[0])
     calls_before = proxy.analysed
+    spread = call_duration_s(direct, model, case.stream, prompts) if case.concurrency > 1 else 0.0
     for r in range(rounds):
         bodies = bodies_for(model, case.stream, case.concurrency, per, prompts)
         order = [("direct", direct), ("proxy", proxy.url)]
         if r % 2:
             order.reverse()
         for name, base in order:
-            samples = asyncio.run(batch(base, bodies))
+            start = time.perf_counter()
+            samples = asyncio.run(batch(base, bodies, spread))
+            case.seconds[name] += time.perf_counter() - start
             if name == "proxy":
                 case.proxied += samples
                 calls_before += len(samples)
@@ -306,6 +327,7 @@ def run_case(
                     proxy.wait_analysed(calls_before)
             else:
                 case.direct += samples
+    case.load.append(os.getloadavg()[0])
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -316,7 +338,8 @@ def print_row(row: dict[str, Any]) -> None:
         for q in (50, 99):
             d, p, a = (row[f"{metric}_p{q}_{k}"] for k in ("direct", "proxy", "added"))
             cells.append(f"{name} p{q} {d:8.2f} -> {p:8.2f} ({a:+.2f})")
-    print("  ".join(cells) + " ms" + same, flush=True)
+    rate = f"  calls/s {row['calls_per_s_direct']:,.0f} -> {row['calls_per_s_proxy']:,.0f}"
+    print("  ".join(cells) + " ms" + same + rate + f"  load {row['load_1min']}", flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -378,7 +401,7 @@ def vllm_part(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             for stream in (True, False):
                 for concurrency, rounds, per in (
                     (1, args.rounds, args.vllm_calls_1),
-                    (64, args.vllm_rounds_64, 1),
+                    (64, args.vllm_rounds_64, args.vllm_calls_64),
                 ):
                     case = Case("vllm", "record+explain", stream, concurrency)
                     run_case(case, direct, proxy, model, prompts, rounds, per)
@@ -399,6 +422,9 @@ def main() -> int:
     parser.add_argument("--vllm-calls-1", type=int, default=20, help="calls per round with 1 client (vLLM)")
     parser.add_argument("--vllm-rounds-64", type=int, default=4, help="rounds with 64 clients (vLLM)")
     parser.add_argument(
+        "--vllm-calls-64", type=int, default=2, help="calls per client per round with 64 (vLLM)"
+    )
+    parser.add_argument(
         "--chunk-gap-ms",
         type=float,
         default=DEFAULT_GAP_MS,
@@ -412,7 +438,8 @@ def main() -> int:
         serve_fake(args.serve_fake, args.chunk_gap_ms / 1000.0)
         return 0
     if args.quick:
-        args.rounds, args.calls_1, args.calls_64, args.vllm_calls_1, args.vllm_rounds_64 = 2, 5, 1, 3, 1
+        args.rounds, args.calls_1, args.calls_64 = 2, 5, 1
+        args.vllm_calls_1, args.vllm_rounds_64, args.vllm_calls_64 = 3, 1, 1
     upstreams = [u.strip() for u in args.upstreams.split(",") if u.strip()]
     flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith("avx")})  # noqa: SIM115
     print(f"{machine_summary()}; CPU flags {' '.join(flags)}; {os.cpu_count()} CPUs", flush=True)

@@ -31,14 +31,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from harness.proxy.forward import Proxy, ProxySettings
-from harness.proxy.record import LogFile, Recorder, Written
+from harness.proxy.record import LogFile, Recorder
 from harness.proxy.sessions import SessionResolver
 
 SPECIAL = ("/gate", "/cut", "/endless", "/linger")
@@ -371,17 +371,9 @@ class FakeUpstream:
 class InProcessProxy:
     """The proxy and its recorder, as ``python -m harness.proxy --record-only`` runs them."""
 
-    def __init__(
-        self, settings: ProxySettings, log: Path, on_written: Callable[[Written], None] | None = None
-    ) -> None:
+    def __init__(self, settings: ProxySettings, log: Path) -> None:
         self.warnings: list[str] = []
-        self.written: list[Written] = []
-        self.recorder = Recorder(
-            LogFile(log),
-            SessionResolver(settings.session_header),
-            on_written or self.written.append,
-            self.warnings.append,
-        )
+        self.recorder = Recorder(LogFile(log), SessionResolver(settings.session_header), self.warnings.append)
         self.proxy = Proxy(settings, self.recorder.submit)
         self._loop = LoopThread()
         self._loop.call(self.proxy.start())

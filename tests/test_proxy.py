@@ -25,7 +25,7 @@ from conftest import ROOT, validate
 from proxy_helpers import FakeUpstream, ProxyProcess, proxy_command, records, running_proxy
 
 from harness.explain import read_requests
-from harness.proxy.record import Call, LogFile, Recorder, Written, build_record, redact_query
+from harness.proxy.record import Call, LogFile, Recorder, build_record, redact_query
 from harness.proxy.sessions import SessionResolver
 from harness.proxy.streams import parse_sse, reassemble
 from harness.servers import free_port
@@ -360,18 +360,15 @@ def test_a_client_that_closes_after_the_end_of_the_stream_got_it_all(
     assert record["response"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
 
 
-def test_a_full_disk_is_reported_once_and_the_analysis_still_gets_every_record(tmp_path: Path) -> None:
+def test_a_full_disk_is_reported_once_and_recording_goes_on() -> None:
     warnings: list[str] = []
-    written: list[Written] = []
-    recorder = Recorder(LogFile(Path("/dev/full")), SessionResolver(), written.append, warnings.append)
+    recorder = Recorder(LogFile(Path("/dev/full")), SessionResolver(), warnings.append)
     for seq in range(3):
         recorder.submit(call(seq, b'{"messages": [{"role": "user", "content": "hi"}]}'))
     recorder.close()
     assert recorder.lost == 3 and recorder.recorded == 0
-    assert (
-        len(warnings) == 1 and "No space left on device" in warnings[0] and "traffic goes on" in warnings[0]
-    )
-    assert [(w.line, w.in_log) for w in written] == [(1, False), (2, False), (3, False)]
+    assert len(warnings) == 1
+    assert "No space left on device" in warnings[0] and "traffic goes on" in warnings[0]
 
 
 # --------------------------------------------------------------------------- pieces
@@ -648,3 +645,33 @@ def test_the_analysis_process_ends_when_the_proxy_is_killed(upstream: FakeUpstre
         proxy.kill()  # SIGKILL: nothing of the proxy's runs after it
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "the analysis process outlived the proxy"
+
+
+def test_the_analysis_follows_the_log_from_where_this_run_began(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """With --append, the analysis starts after the lines already in the log, numbered as the file
+    numbers them, and at Ctrl-C reads to the end of the log before its summary."""
+    log = tmp_path / "agent.jsonl"
+    log.write_text('{"earlier": 1}\n{"earlier": 2}')  # the last line unfinished: the proxy ends it
+    log.chmod(0o600)
+    proxy = ProxyProcess("--upstream", upstream.url, "--log", str(log), "--append")
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=SECRET, max_retries=0)
+        system = {"role": "system", "content": "You are a careful agent. " * 30}
+        first = [system, {"role": "user", "content": "Fix money.py."}]
+        client.chat.completions.create(model="m", messages=first, extra_headers={"X-Session-Id": "a"})  # type: ignore[arg-type]
+        second = [*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Go on."}]
+        client.chat.completions.create(model="m", messages=second, extra_headers={"X-Session-Id": "a"})  # type: ignore[arg-type]
+        code, out, err = proxy.stop()
+    finally:
+        proxy.kill()
+    assert code == 0, err
+    assert re.search(r"line 3 a chat 200 \| prompt 201 \| reported cached 0 \| predicted 0 \| cold", out), out
+    assert re.search(
+        r"line 4 a chat 200 \| prompt 216 \| reported cached 0 \| predicted 192 \| extends", out
+    ), out
+    assert "the server counted 9 prompt tokens, this rendering 201" in out  # the fake's usage, named
+    assert "line 1 " not in out and "line 2 " not in out
+    assert "2 requests" in out  # the summary covers this run's calls
+    assert len(log.read_text().splitlines()) == 4

@@ -219,11 +219,10 @@ async def serve(settings: ProxySettings, log_path: Path, live: LiveAnalysis | No
     await proxy.start()
     # No await between binding and here: no request can arrive before the recorder exists.
     log = LogFile(log_path)
-    on_written = live.submit if live is not None else (lambda _w: None)
-    recorder = Recorder(log, SessionResolver(settings.session_header), on_written, warn)
+    recorder = Recorder(log, SessionResolver(settings.session_header), warn)
     holder.append(recorder)
-    if live is not None:
-        live.start()  # a spawned process: vLLM loads there, never here
+    if live is not None:  # a spawned process reading the log: vLLM loads there, never here
+        live.start(log_path, log.start_offset, log.start_lines + 1)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -259,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
             f"listening on {settings.host}: anyone who can reach this machine can send calls through the "
             "proxy (to the upstream, with its own credentials or none) and into your log"
         )
-    live = LiveAnalysis(live_settings, warn) if live_settings is not None else None
+    live = LiveAnalysis(live_settings) if live_settings is not None else None
     # The recorder thread shares the GIL with the event loop: a waiting loop gets it back within
     # 0.5 ms instead of Python's default 5 ms, which would show in a stream's p99.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -270,9 +269,10 @@ def run(args: argparse.Namespace) -> int:
         runner.close()
     recorder.close()
     if live is not None:
-        if live.backlog > 0:
+        behind = recorder.recorded - live.done
+        if behind > 0:
             console.print(
-                f"finishing the live analysis of {live.backlog} more calls (Ctrl-C again to skip it) ...",
+                f"finishing the live analysis of {behind} more calls (Ctrl-C again to skip it) ...",
                 markup=False,
                 highlight=False,
             )

@@ -1,11 +1,11 @@
 """The live explanation: one console line per call, from the explainer itself, off the request path.
 
 The analysis runs in its own process (``spawn``; Linux's idle scheduling class: it runs only on
-CPU time nothing else wants), fed the log's records in
-the order sent through a queue. The proxy never waits for it: a record is handed over after it
-is written, and if the analysis falls ``MAX_BACKLOG`` records behind, the next ones are logged but
-not analysed live (said once; ``python -m harness.explain LOG`` has them all). vLLM's chat
-rendering takes 10-20 s to load: traffic flows meanwhile, and the records wait in the queue.
+CPU time nothing else wants) and reads the log as it grows, line by line, in the order sent: the
+log is its queue. The proxy neither waits for it nor does anything for it (no queue to feed, no
+copy of a record held): however far behind it falls, on a saturated machine, the records wait on
+disk and it catches up when the CPU is free. vLLM's chat rendering takes 10-20 s to load: traffic
+flows meanwhile. At Ctrl-C it reads to the end of the log before its summary.
 
 Per record the worker does what ``python -m harness.explain`` does per line, incrementally: the
 record is read by ``harness.explain.parse_record`` and explained by one ``LogExplainer``, which
@@ -51,9 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError, first_line
-from harness.proxy.record import Written
 
-MAX_BACKLOG = 2000  # records waiting for the analysis before new ones are logged only
+POLL_S = 0.1  # how often the analysis looks for new lines in the log
 NICE = 19  # where the idle scheduling class is missing: the lowest priority instead
 DISCOVERY_TIMEOUT_S = 3.0
 
@@ -105,48 +104,34 @@ def discover(upstream: str) -> Discovered | None:
 
 
 class LiveAnalysis:
-    """The analysis process seen from the proxy: ``start``, ``submit`` records, ``finish``."""
+    """The analysis process seen from the proxy: ``start`` it on the log, ``finish`` at the end."""
 
-    def __init__(self, settings: LiveSettings, warn: Any) -> None:
+    def __init__(self, settings: LiveSettings) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no aiohttp loop inside
-        self._queue: Any = context.Queue()
-        self._done: Any = context.Value("l", 0)  # records the worker has taken
-        self._process = context.Process(
-            target=run_worker, args=(settings, self._queue, self._done), name="proxy-analysis", daemon=True
-        )
-        self.warn = warn
-        self.sent = 0
-        self.skipped = 0
-        self._warned = False
+        self._context = context
+        self._stop: Any = context.Event()  # the proxy is done: read to the end of the log, then sum up
+        self._done: Any = context.Value("l", 0, lock=False)  # records analysed (or passed over) so far
+        self._process: Any = None
+        self.settings = settings
 
-    def start(self) -> None:
+    def start(self, log: Path, offset: int, first_line: int) -> None:
+        """Read ``log`` from byte ``offset`` on, the record there being line ``first_line``."""
+        args = (self.settings, str(log), offset, first_line, self._stop, self._done)
+        self._process = self._context.Process(
+            target=run_worker, args=args, name="proxy-analysis", daemon=True
+        )
         self._process.start()
 
     @property
-    def backlog(self) -> int:
-        return self.sent - int(self._done.value)
-
-    def submit(self, written: Written) -> None:
-        """Hand one record over (from the recorder's thread); never blocks."""
-        if not self._process.is_alive() and self._process.exitcode is not None:
-            return
-        self.sent += 1
-        if self.backlog > MAX_BACKLOG:
-            self.skipped += 1
-            self._queue.put((written.line, None))  # the worker counts what it did not see
-            if not self._warned:
-                self._warned = True
-                self.warn(
-                    f"the live analysis is {MAX_BACKLOG} calls behind: calls are logged but not analysed "
-                    "live until it catches up (python -m harness.explain on the log has them all)"
-                )
-            return
-        self._queue.put((written.line, written.data))
+    def done(self) -> int:
+        return int(self._done.value)
 
     def finish(self) -> None:
-        """Let the worker analyse what it has, print the summary, and exit. A second Ctrl-C
+        """Let the worker read what the log holds, print the summary, and exit. A second Ctrl-C
         stops it at once (``KeyboardInterrupt`` reaches the caller after it is stopped)."""
-        self._queue.put(None)
+        if self._process is None:
+            return
+        self._stop.set()
         try:
             self._process.join()
         except KeyboardInterrupt:
@@ -154,7 +139,7 @@ class LiveAnalysis:
             raise
 
     def terminate(self) -> None:
-        if self._process.is_alive():
+        if self._process is not None and self._process.is_alive():
             self._process.terminate()
             self._process.join(5)
 
@@ -186,12 +171,12 @@ def end_with_parent() -> None:
         os._exit(0)
 
 
-def run_worker(settings: LiveSettings, queue: Any, done: Any) -> None:
-    """The analysis process's main: Ctrl-C is the proxy's to handle (it then sends the end)."""
+def run_worker(settings: LiveSettings, log: str, offset: int, first_line: int, stop: Any, done: Any) -> None:
+    """The analysis process's main: Ctrl-C is the proxy's to handle (it then sets ``stop``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     end_with_parent()
     yield_the_cpu()
-    Worker(settings).run(queue, done)
+    Worker(settings).run(Path(log), offset, first_line, stop, done)
 
 
 def _n(value: int | None) -> str:
@@ -228,7 +213,6 @@ class Worker:
         self.requests: list[Any] = []
         self.explanations: list[Any] = []
         self.not_analysed: Counter[str] = Counter()
-        self.skipped = 0
         self.reasons_told: set[str] = set()
         self.errors_told: set[str] = set()
         self.table: Any = None
@@ -293,29 +277,34 @@ class Worker:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, queue: Any, done: Any) -> None:
-        import queue as queues
-
+    def run(self, log: Path, offset: int, first_line: int, stop: Any, done: Any) -> None:
+        """Follow the log from ``offset``: each whole line as soon as it is there, until ``stop``
+        is set and the end is reached. The log is the queue: however far behind the analysis
+        falls, the proxy holds nothing for it."""
         ready = self.load()
         parent = multiprocessing.parent_process()
-        while True:
-            try:
-                item = queue.get(timeout=1.0)
-            except queues.Empty:
-                # The queue's pipe came here whole (both ends): a proxy killed outright never
-                # closes it, so ask whether the proxy is still there.
+        line = first_line
+        pending = b""  # a line being written (the recorder writes whole lines; a read may split one)
+        with log.open("rb") as handle:
+            handle.seek(offset)
+            while True:
+                chunk = handle.readline()
+                if chunk:
+                    pending += chunk
+                    if not pending.endswith(b"\n"):
+                        continue
+                    data, pending = pending, b""
+                    if ready and data.strip():
+                        self.one(line, data)
+                    line += 1
+                    done.value += 1
+                    continue
+                if stop.is_set():
+                    break
+                # A proxy killed outright never sets stop (and the kernel's signal is Linux only).
                 if parent is not None and not parent.is_alive():
                     return
-                continue
-            if item is None:
-                break
-            with done.get_lock():
-                done.value += 1
-            line, data = item
-            if data is None:
-                self.skipped += 1
-            elif ready:
-                self.one(line, data)
+                time.sleep(POLL_S)
         if ready:
             self.summary()
 
@@ -448,7 +437,7 @@ class Worker:
         from harness.explain.spans import find_spans
 
         analysed = len(self.explanations)
-        not_analysed = sum(self.not_analysed.values()) + self.skipped
+        not_analysed = sum(self.not_analysed.values())
         self.say("")
         self.say(
             f"summary of the live analysis ({self.model_name}, block size {self.block_size}, scope "
@@ -456,10 +445,8 @@ class Worker:
             "bold",
         )
         if not_analysed:
-            reasons = dict(self.not_analysed)
-            if self.skipped:
-                reasons["not sent to the analysis (it was behind)"] = self.skipped
-            parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+            reasons = sorted(self.not_analysed.items(), key=lambda kv: -kv[1])
+            parts = ", ".join(f"{n} {why}" for why, n in reasons)
             self.say(f"  {analysed} calls analysed, {not_analysed} not: {parts}")
         if not analysed:
             return

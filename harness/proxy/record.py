@@ -92,15 +92,6 @@ class Call:
     duration_ms: float | None = None
 
 
-@dataclass(frozen=True)
-class Written:
-    """A record on its way to the live analysis."""
-
-    line: int  # its line in the log (1-based)
-    data: bytes  # the JSON line
-    in_log: bool  # False: the write failed (full disk); analysed anyway
-
-
 # --------------------------------------------------------------------------- JSON
 
 
@@ -321,6 +312,8 @@ class LogFile:
                 self.lines += 1
         self.created = not existed
         self.mode = path.stat().st_mode & 0o777
+        self.start_offset = os.fstat(self._fd).st_size  # where this run's records begin
+        self.start_lines = self.lines
 
     def write(self, line: bytes) -> None:
         """Append one line; on failure the file is cut back to where it was and OSError raised."""
@@ -350,20 +343,14 @@ class Recorder:
     """Turns calls into records and writes them in the order sent, in its own thread.
 
     The request path only hands a finished ``Call`` over (``submit``, a queue put); parsing,
-    reassembling streams and writing happen here. ``on_written`` gets every record in order
-    (the live analysis), ``warn`` each kind of failure once.
+    reassembling streams and writing happen here; ``warn`` gets each kind of failure once. The
+    live analysis reads the records from the log itself, as it grows: nothing more is asked of
+    the proxy's process for it.
     """
 
-    def __init__(
-        self,
-        log: LogFile,
-        sessions: SessionResolver,
-        on_written: Callable[[Written], None],
-        warn: Callable[[str], None],
-    ) -> None:
+    def __init__(self, log: LogFile, sessions: SessionResolver, warn: Callable[[str], None]) -> None:
         self.log = log
         self.sessions = sessions
-        self.on_written = on_written
         self.warn = warn
         self.recorded = 0
         self.lost = 0  # records the log could not take (full disk, ...)
@@ -412,23 +399,13 @@ class Recorder:
             self._once("build", f"could not record a call fully ({first_line(exc)}); recorded what is known")
             record = fallback_record(call, first_line(exc))
         self.incomplete += bool(record.get("incomplete"))
-        line = dumps(record) + b"\n"
-        # Lost records keep their number (the live analysis must tell calls apart), so after a
-        # loss the console's line numbers run ahead of the file's by the records lost.
-        number = self.log.lines + self.lost + 1
-        in_log = True
         try:
-            self.log.write(line)
+            self.log.write(dumps(record) + b"\n")
             self.recorded += 1
         except OSError as exc:
-            in_log = False
             self.lost += 1
             self._once(
                 "write",
-                f"cannot write to {self.log.path}: {exc.strerror or exc}; traffic goes on, records are "
-                "lost until the log can be written again (the console still counts them)",
+                f"cannot write to {self.log.path}: {exc.strerror or exc}; traffic goes on, and records "
+                "are lost (and not analysed) until the log can be written again",
             )
-        try:
-            self.on_written(Written(number, line, in_log))
-        except Exception as exc:
-            self._once("analysis", f"the live analysis cannot take records ({first_line(exc)})")

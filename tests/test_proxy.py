@@ -663,6 +663,8 @@ def test_the_analysis_follows_the_log_from_where_this_run_began(
         client.chat.completions.create(model="m", messages=first, extra_headers={"X-Session-Id": "a"})  # type: ignore[arg-type]
         second = [*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Go on."}]
         client.chat.completions.create(model="m", messages=second, extra_headers={"X-Session-Id": "a"})  # type: ignore[arg-type]
+        # served while vLLM's renderer was still loading in the analysis process: never waited for
+        assert not any("analysis ready" in line for line in proxy.out)
         code, out, err = proxy.stop()
     finally:
         proxy.kill()

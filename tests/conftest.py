@@ -88,6 +88,10 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
     logs = tmp_path_factory.mktemp("server-logs")
     opts = EngineOptions(model=model_path, device="cpu")
     extra = ["--chat-template", str(TOOLS_TEMPLATE)]
+    # A tool parser, so that a named or required tool_choice is served (vLLM refuses them without
+    # one) and streams real tool-call deltas (the proxy's tests); tool-less requests and
+    # tool_choice "none" are rendered and answered as before.
+    extra += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     # The Responses API's previous_response_id needs vLLM's response store (off by default).
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     key = fresh_api_key()

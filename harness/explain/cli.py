@@ -20,8 +20,6 @@ from harness.api_key import API_KEY_FLAG, add_api_key_arg, api_key_from
 from harness.errors import UserError
 from harness.explain.analyze import (
     DEFAULT_CONTEXT_TOKENS,
-    DEFAULT_SESSION_WINDOW_REQUESTS,
-    DEFAULT_SESSION_WINDOW_S,
     SCOPES,
     SHARED,
     LogExplainer,
@@ -30,6 +28,7 @@ from harness.explain.analyze import (
 )
 from harness.explain.costs import ENGINES, Pricer, expand
 from harness.explain.diagnostics import diagnosed
+from harness.explain.flags import add_state_args
 from harness.explain.formats import ChatRequest, SkippedLine, iter_requests
 from harness.explain.origin import Answered
 from harness.explain.profile import Profile, print_profile
@@ -154,23 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write one JSON line per request to F as it is explained (a header line first, a "
         "summary line last): for logs too big for one JSON document",
     )
-    parser.add_argument(
-        "--cache-tokens",
-        type=_count,
-        default=None,
-        metavar="N",
-        help="the cache holds at most N tokens (e.g. 2M: what the engine's KV cache holds), least "
-        "recently used blocks evicted as vLLM does; default unbounded (its peak is reported)",
-    )
-    parser.add_argument(
-        "--session-window",
-        type=_duration,
-        default=DEFAULT_SESSION_WINDOW_S,
-        metavar="T",
-        help="close a session idle longer than T (e.g. 30m, 2h, 3600, none; default 1h; "
-        f"{DEFAULT_SESSION_WINDOW_REQUESTS:,} requests for a log without timestamps): its state is "
-        "dropped, a request after that starts it anew",
-    )
+    add_state_args(parser)
     parser.add_argument(
         "--shard",
         type=_shard,
@@ -214,35 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_api_key_arg(parser, "the --endpoint server")
     return parser
-
-
-def _count(text: str) -> int:
-    """A positive number of tokens: 2000000, 2M, 500k."""
-    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale > 1 else text
-    try:
-        value = int(float(digits) * scale)
-    except ValueError:
-        example = "(e.g. 2000000, 2M, 500k)"
-        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r} {example}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {text!r}")
-    return value
-
-
-def _duration(text: str) -> float | None:
-    """Seconds from 90, 90s, 30m, 2h; None for none/off."""
-    if text.lower() in ("none", "off", "never"):
-        return None
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if text[-1:].lower() in "smh" else text
-    try:
-        value = float(digits) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 2h, 3600, none)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
-    return value
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -389,8 +343,9 @@ def run(args: argparse.Namespace) -> int:
             from harness.backend import OfflineBackend
 
             assert options is not None
-            with profile.stage("start-up"), err.status(
-                f"starting vLLM on {spec.display_name} (block size {block_size}) ..."
+            with (
+                profile.stage("start-up"),
+                err.status(f"starting vLLM on {spec.display_name} (block size {block_size}) ..."),
             ):
                 backend = OfflineBackend(options, spec.display_name)
             if backend.info.block_size != block_size:

@@ -182,9 +182,7 @@ def _has_breakpoints(request: ChatRequest) -> bool:
     return "cache_control" in json.dumps(request.body)
 
 
-def provider_request(
-    request: ChatRequest, segments: tuple[Segment, ...], automatic: bool
-) -> ProviderRequest:
+def provider_request(request: ChatRequest, segments: tuple[Segment, ...], automatic: bool) -> ProviderRequest:
     """One request as ``harness.providers`` reads it. ``automatic``: Anthropic's top-level automatic
     caching for a request without any ``cache_control`` (what a client sending it to Anthropic
     would switch on); a request with its own breakpoints keeps them."""

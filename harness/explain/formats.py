@@ -64,6 +64,10 @@ The session is read from ``session_id`` in the record, the body or ``metadata`` 
 name with ``--session-field``), a string or a number (an empty string is no session), then from
 LiteLLM's ``trace_id``; a timestamp from ``timestamp``, ``created_at``, ``startTime``,
 ``requestedAt``, Helicone's ``timing`` (Unix seconds or milliseconds, or ISO 8601).
+
+Records of ``python -m harness.proxy`` (``"recorded_by": "harness.proxy"``) whose call the
+server never served (an HTTP error, an upstream that could not be reached, a body that is not
+JSON) are skipped with a warning, not analysed: the engine never computed their prompts.
 """
 
 from __future__ import annotations
@@ -149,6 +153,21 @@ class ChatRequest:
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as chat messages (a Responses request: ``responses_messages``)."""
         return responses_messages(self) if self.format == RESPONSES else list(self.body["messages"])
+
+
+class NotServed(UserError):
+    """A proxy record of a call the server did not serve: skipped, whatever ``--skip-bad`` says."""
+
+
+def _not_served(record: dict[str, Any]) -> str | None:
+    if record.get("recorded_by") != "harness.proxy":
+        return None
+    status = record.get("status")
+    if not isinstance(status, int) or not 200 <= status < 300:
+        return f"the call failed (HTTP {status}): the server did not serve it"
+    if not isinstance(record.get("request"), dict):
+        return "the request body is not a JSON object"
+    return None
 
 
 @dataclass(frozen=True)
@@ -520,6 +539,9 @@ def parse_record(
             raise _bad(line, "not UTF-8 text") from None
     if not isinstance(record, dict):
         raise _bad(line, f"expected a JSON object, got {type(record).__name__}")
+    not_served = _not_served(record)
+    if not_served is not None:
+        raise NotServed(f"line {line}: {not_served}")
     body, response, url = unwrap(record)
     if body is None:
         if "messages" in record:
@@ -683,6 +705,10 @@ def iter_requests(
     for number, raw in iter_lines(path):
         try:
             yield reader.parse(raw, number)
+        except NotServed as exc:
+            if warn is not None:
+                warn(f"{path}: {exc} (skipped)")
+            yield SkippedLine(number, str(exc))
         except UserError as exc:
             if not skip_bad:
                 raise UserError(f"{path}: {exc}", exc.exit_code) from None

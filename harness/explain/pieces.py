@@ -82,9 +82,7 @@ class Offsets(Sequence[tuple[int, int]]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
             return NotImplemented
-        return len(self) == len(other) and all(
-            tuple(a) == tuple(b) for a, b in zip(self, other, strict=True)
-        )
+        return len(self) == len(other) and all(tuple(a) == tuple(b) for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -194,9 +194,7 @@ class ChatRenderer:
             kwargs = params.get_encode_kwargs()
             if (kwargs.get("add_special_tokens") and not adds_none) or prompt.get("multi_modal_data"):
                 return whole_tokenize(prompt, params)
-            ids, offsets, note, self.last_split = self.pieces.tokenize(
-                prompt["prompt"], self.previous_split
-            )
+            ids, offsets, note, self.last_split = self.pieces.tokenize(prompt["prompt"], self.previous_split)
             limit = kwargs.get("max_length") if kwargs.get("truncation") else None
             if limit is not None and len(ids) > limit:
                 return whole_tokenize(prompt, params)  # the tokenizer truncates: let it

@@ -488,51 +488,56 @@ def _lines(lines: Sequence[int]) -> str:
     return f"requests {lines[0]}-{lines[-1]}" if run else f"requests {list(lines)}"
 
 
+DIAGNOSIS_MEANING = {
+    "baseline_not_found": "no record of the baseline there (an unknown id, or past its retention)",
+    "unavailable": "the provider could not say (e.g. tool_choice or thinking changed)",
+    "pending": "the comparison had not finished when the response was sent",
+}
+
+
+def diagnosis_line(d: Diagnosis) -> str:
+    """ "line 6: anthropic says tools_changed (~1,200 tokens missed), against line 5; the explainer
+    finds tools (...): agree" """
+    theirs = d.reason or d.outcome
+    if d.missed_tokens is not None:
+        theirs += f" (~{d.missed_tokens:,} tokens missed)"
+    if d.outcome in DIAGNOSIS_MEANING:
+        theirs += f": {DIAGNOSIS_MEANING[d.outcome]}"
+    against = (
+        f"line {d.baseline_line}" if d.baseline_line is not None else f"{d.baseline_id} (not in the log)"
+    )
+    ours = d.explainer_part or "-"
+    if d.change is not None and d.explainer_part == d.change.part:
+        reader = f", as {d.change.provider_model} reads it" if d.change.provider_model else ""
+        ours += f" ({d.change.headline()}{reader})"
+    if d.compared_with is not None and d.compared_with != d.baseline_line:
+        ours += f", compared with line {d.compared_with}"
+    verdict = {True: "agree", False: "DISAGREE", None: "nothing to compare"}[d.agrees]
+    return (
+        f"line {d.line}: {d.provider} says {theirs}, against {against}; the explainer finds {ours}: {verdict}"
+    )
+
+
 def print_diagnoses(diagnoses: Sequence[Diagnosis], totals: Totals, console: Any) -> None:
     """The providers' own reasons for a miss next to the explainer's, and how often they agree."""
     from rich.text import Text
 
     if not diagnoses:
         return
-    meaning = {
-        "baseline_not_found": "no record of the baseline there (an unknown id, or past its retention)",
-        "unavailable": "the provider could not say (e.g. tool_choice or thinking changed)",
-        "pending": "the comparison had not finished when the response was sent",
-    }
     for d in diagnoses:
         if d.outcome in ("none_reported", "hit") and d.agrees is not False:
             continue
-        theirs = d.reason or d.outcome
-        if d.missed_tokens is not None:
-            theirs += f" (~{d.missed_tokens:,} tokens missed)"
-        if d.outcome in meaning:
-            theirs += f": {meaning[d.outcome]}"
-        against = (
-            f"line {d.baseline_line}" if d.baseline_line is not None else f"{d.baseline_id} (not in the log)"
-        )
-        ours = d.explainer_part or "-"
-        if d.change is not None and d.explainer_part == d.change.part:
-            reader = f", as {d.change.provider_model} reads it" if d.change.provider_model else ""
-            ours += f" ({d.change.headline()}{reader})"
-        if d.compared_with is not None and d.compared_with != d.baseline_line:
-            ours += f", compared with line {d.compared_with}"
-        verdict = {True: "agree", False: "DISAGREE", None: "nothing to compare"}[d.agrees]
-        console.print(
-            Text(
-                f"line {d.line}: {d.provider} says {theirs}, against {against}; the explainer finds {ours}: "
-                f"{verdict}",
-                style="yellow" if d.agrees is False else "",
-            )
-        )
+        console.print(Text(diagnosis_line(d), style="yellow" if d.agrees is False else ""))
+    console.print(Text(diagnoses_summary(totals), style="yellow" if totals.diagnoses_disagree else "green"))
+
+
+def diagnoses_summary(totals: Totals) -> str:
     bad = totals.diagnoses_disagree
     disagree = f"; they disagree on lines {bad}" if bad else ""
-    console.print(
-        Text(
-            f"the providers' own diagnoses ({totals.diagnoses} requests) agree with the explainer on the "
-            f"part that changed (model, system, tools, messages) on {totals.diagnoses_agree} of "
-            f"{totals.diagnoses_compared} compared{disagree}",
-            style="green" if not bad else "yellow",
-        )
+    return (
+        f"the providers' own diagnoses ({totals.diagnoses} requests) agree with the explainer on the "
+        f"part that changed (model, system, tools, messages) on {totals.diagnoses_agree} of "
+        f"{totals.diagnoses_compared} compared{disagree}"
     )
 
 

@@ -3,9 +3,12 @@
 An agent whose allowed actions depend on its state (reading web pages, running commands, editing
 files, answering its user) is tempted to send only the tools allowed right now. Chat templates
 render the tool list near the top of the prompt, in the system message, so every change of state
-rewrites it: the engine's prefix cache (vLLM's APC: whole blocks, hashed in a chain) keeps only the
-blocks before the first changed tool, and the whole conversation after it is computed again. The
-history then also shows calls to tools the prompt no longer defines.
+rewrites it, and the engine's prefix cache (vLLM's APC: whole blocks, hashed in a chain) can serve
+only the blocks before the first changed tool from the request before. The cache is a tree,
+though: it keeps one branch per tool list it has seen. A first visit to a state computes the whole
+conversation again; a return finds the branch its last visit left and computes the conversation
+since. Each branch is one more copy of the conversation's KV, which a busy server evicts. The
+history also shows calls to tools the prompt no longer defines.
 
 WRONG: remove. Each request carries only the tools its state allows.
 
@@ -28,7 +31,8 @@ The task is scripted (harness/scenario_tools.py): every variant sends the same h
 request asks the model for the next call, which is checked against the state (allowed name,
 arguments valid under that tool's schema) and timed. After the variants, pairs of requests on
 RIGHT's prompts time the constraint's own cost per output token (constrained, then the same
-number of tokens unconstrained), and for one state (``--allowed``) the lesson shows the three
+number of tokens unconstrained); each variant's token IDs are replayed through a vLLM-like cache
+of bounded size (a simulation, labelled so); and for one state (``--allowed``) the lesson shows the three
 ways to enforce it side by side: the constraint, the prefill, and ``allowed_token_ids`` (a
 one-token choice: the group's first token).
 
@@ -43,21 +47,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from harness.backend import Backend, Message, Reply, RequestOptions
+from harness.block_pool import BlockPool
 from harness.cli import exit_with, lesson_main
 from harness.console import Table, console, escape, mark
 from harness.errors import UserError
-from harness.explain.analyze import LogExplainer, RequestExplanation
+from harness.explain.analyze import LogExplainer
 from harness.explain.formats import OPENAI, ChatRequest, LoggedResponse, LoggedUsage
 from harness.explain.render import ChatRenderer
 from harness.measure import VariantResult, run_variants
 from harness.model import resolve_model
+from harness.prefix import PrefixCacheModel, common_prefix_len
 from harness.report import ExampleResult, divergence_panel
 from harness.scenario_tools import (
     STATES,
@@ -292,30 +297,37 @@ def _cut(reply: Reply | None) -> bool:
 
 @dataclass(frozen=True)
 class Break:
-    """A WRONG request whose state, so tool list, changed: where it left the cache, what it cost."""
+    """A WRONG request whose state, so tool list, changed: where it left the previous request,
+    and what the engine could still serve it."""
 
     index: int
     states: tuple[str, str]  # (the previous request's state, this one's)
-    first_divergence: int
-    message: str  # the message holding the first new token: "0 system"
-    hint: str | None  # what the explainer says changed ("tools_changed")
+    leaves_previous_at: int  # first token not shared with the previous request's prompt
     tool_position: int  # the first tool (1-based) that differs from the previous request's list
-    tools: tuple[str, str]  # (the previous list's tool there, this one's)
-    lost_tokens: int  # cached tokens the change threw away (the explainer's lost_tokens)
-    cached_tokens: int
-    previous_prompt_tokens: int
+    tools: tuple[str, str]  # (the previous list's tool there, this one's; "-": the list ended)
+    cached_tokens: int  # the engine's count
+    cached_from: int | None  # the earlier request those tokens came from (the explainer's cached_from)
+    hint: str | None  # what the explainer says changed against its reference ("tools_changed")
+    computed: int  # prompt tokens the engine computed for this request
+    computed_right: int  # ... for RIGHT's request of the same step
+
+    @property
+    def return_visit(self) -> bool:
+        """The state was visited before and its branch served more than the system prompt."""
+        return self.cached_from is not None and self.cached_tokens > self.leaves_previous_at
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "states": list(self.states),
-            "first_divergence": self.first_divergence,
-            "message": self.message,
-            "hint": self.hint,
+            "leaves_previous_at": self.leaves_previous_at,
             "tool_position": self.tool_position,
             "tools": list(self.tools),
             "cached_tokens": self.cached_tokens,
-            "lost_tokens": self.lost_tokens,
+            "cached_from": self.cached_from,
+            "hint": self.hint,
+            "computed": self.computed,
+            "computed_right": self.computed_right,
         }
 
 
@@ -327,44 +339,96 @@ def first_changed(old: list[str], new: list[str]) -> int:
 
 
 def explain_wrong(
-    variant: VariantResult, requests: list[AgentRequest], renderer: ChatRenderer, block_size: int
-) -> tuple[list[Break], list[RequestExplanation]]:
-    """WRONG's requests through the explainer (harness.explain), each with its reply's token IDs
-    (the engine caches generated tokens too): where each one left the cache, in which message,
-    and why. The requests whose state changed become ``Break`` records."""
+    variant: VariantResult,
+    requests: list[AgentRequest],
+    right: VariantResult,
+    renderer: ChatRenderer,
+    block_size: int,
+) -> tuple[list[Break], bool]:
+    """Where each WRONG request whose state changed left the previous request (always in the tool
+    list), and where its cached tokens came from: the explainer (harness.explain), fed WRONG's
+    requests with their replies' token IDs (the engine caches generated tokens too), names the
+    earlier request that serves them. The engine keeps every branch it computed, one per tool
+    list: a return to a state finds the branch of its last visit there. Also returns whether the
+    explainer's prediction equals the engine's count on every WRONG request."""
     explainer = LogExplainer(renderer, block_size)
-    explained: list[RequestExplanation] = []
     breaks: list[Break] = []
-    for record, request, previous in zip(variant.requests, requests, [None, *requests], strict=False):
+    agrees = True
+    for i, (record, request) in enumerate(zip(variant.requests, requests, strict=True)):
         reply = record.reply
-        assert reply is not None
+        assert reply is not None and reply.prompt_token_ids is not None
         body = {"messages": request.messages, "tools": list(request.options.tools or [])}
         usage = LoggedUsage(reply.prompt_tokens, reply.cached_tokens, None, reply.output_tokens)
         message = {"role": "assistant", "content": reply.text}
         response = LoggedResponse(message, reply.finish_reason, reply.output_token_ids, usage)
-        explanation = explainer.explain(ChatRequest(record.index + 1, body, OPENAI, None, response=response))
-        explained.append(explanation)
+        explanation = explainer.explain(ChatRequest(i + 1, body, OPENAI, None, response=response))
+        agrees = agrees and explanation.predicted_cached_tokens == record.cached_tokens
+        previous = requests[i - 1] if i else None
         if previous is None or previous.state == request.state:
             continue
+        before = variant.requests[i - 1].reply
+        assert before is not None and before.prompt_token_ids is not None
         old = [tool_name(t) for t in previous.options.tools or []]
         new = [tool_name(t) for t in request.options.tools or []]
         at = first_changed(old, new)
-        index = explanation.message_index
+        source = explanation.cached_from_line
         breaks.append(
             Break(
-                index=record.index,
+                index=i,
                 states=(previous.state.name, request.state.name),
-                first_divergence=explanation.first_divergence,
-                message=f"{index} {explanation.role}" if index is not None else str(explanation.role),
-                hint=explanation.hint.kind if explanation.hint is not None else None,
+                leaves_previous_at=common_prefix_len(before.prompt_token_ids, reply.prompt_token_ids),
                 tool_position=at + 1,
                 tools=(old[at] if at < len(old) else "-", new[at] if at < len(new) else "-"),
-                lost_tokens=explanation.lost_tokens,
                 cached_tokens=record.cached_tokens,
-                previous_prompt_tokens=variant.requests[record.index - 1].prompt_tokens,
+                cached_from=source - 1 if source is not None else None,
+                hint=explanation.hint.kind if explanation.hint is not None else None,
+                computed=record.prompt_tokens - record.cached_tokens,
+                computed_right=right.requests[i].prompt_tokens - right.requests[i].cached_tokens,
             )
         )
-    return breaks, explained
+    return breaks, agrees
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a variant's session leaves in the KV cache, and a bounded cache replayed (SIMULATED)."""
+
+    name: str
+    blocks: int  # distinct full blocks the session computed (its prompts and replies): KV it holds
+    bounded_blocks: int  # the simulated cache: the blocks RIGHT's longest request needs
+    bounded_hit_rate: float  # this variant's hit rate replayed through that cache (harness.block_pool)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "blocks": self.blocks,
+            "simulated_cache_blocks": self.bounded_blocks,
+            "simulated_hit_rate": round(self.bounded_hit_rate, 4),
+        }
+
+
+def footprints(variants: list[VariantResult], block_size: int) -> list[Footprint]:
+    """Replay each variant's exact token sequences (prompt and reply, as the engine reported
+    them): into the unbounded model, to count the blocks it keeps (WRONG keeps one branch of the
+    conversation per tool list), and through a vLLM-like pool with only the blocks RIGHT's
+    longest request needs, where branches evict each other (a server busy with other sessions)."""
+    right = next(v for v in variants if v.name == "right")
+    replies = [r.reply for r in right.requests if r.reply is not None]
+    longest = max(len(r.prompt_token_ids or []) + (r.output_tokens or 0) for r in replies)
+    size = -(-longest // block_size) + 1
+    out = []
+    for variant in variants:
+        unbounded, pool = PrefixCacheModel(block_size), BlockPool(block_size, size).namespace("session")
+        hits = total = 0
+        for record in variant.requests:
+            assert record.reply is not None and record.reply.prompt_token_ids is not None
+            prompt, output = record.reply.prompt_token_ids, record.reply.output_token_ids or []
+            hits += pool.predict(prompt).cached_tokens
+            total += len(prompt)
+            pool.record(prompt, output)
+            unbounded.record(prompt, output)
+        out.append(Footprint(variant.name, unbounded.blocks(), size, hits / total if total else 0.0))
+    return out
 
 
 # --------------------------------------------------------------------------- what the constraint costs
@@ -534,6 +598,7 @@ class MaskingResult(ExampleResult):
     validity: list[Validity] = field(kw_only=True)
     breaks: list[Break] = field(kw_only=True)
     explainer_agrees: bool = field(kw_only=True)
+    footprints: list[Footprint] = field(kw_only=True)
     compiles: list[Compile] = field(kw_only=True)
     cost: ConstraintCost = field(kw_only=True)
     enforcement_state: str = field(kw_only=True)
@@ -558,6 +623,7 @@ class MaskingResult(ExampleResult):
                 },
             },
             "tool_list_breaks": [b.to_json() for b in self.breaks],
+            "cache_footprint": [f.to_json() for f in self.footprints],
             "explainer_agrees_with_engine": self.explainer_agrees,
             "chat_template": self.template,
         }
@@ -578,8 +644,8 @@ def add_lesson_args(parser: argparse.ArgumentParser) -> None:
         "--allowed",
         metavar="STATE",
         default=None,
-        help=f"the state whose three ways of enforcement are shown ({', '.join(STATES)}; default: the "
-        "state of the last step)",
+        help=f"the state whose three ways of enforcement are shown ({', '.join(STATES)}; default: browse, "
+        "which allows two groups",
     )
     parser.add_argument(
         "--call-tokens",
@@ -619,7 +685,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"--steps must be between 2 and {len(STEPS)} (the scripted task's steps), got {steps}"
         )
     used = list(dict.fromkeys(STEPS[i].state for i in range(steps)))
-    name = args.allowed if args.allowed is not None else STEPS[steps - 1].state
+    name = args.allowed if args.allowed is not None else ("browse" if "browse" in used else used[-1])
     if name not in STATES:
         raise UserError(f"--allowed {name}: no such state; the states are {', '.join(STATES)}")
     if name not in used:
@@ -719,11 +785,8 @@ def run(backend: Backend, args: argparse.Namespace) -> MaskingResult:
     )
     by_name = {v.name: v for v in variants}
     validity = [judge(by_name[name], built[name], tools) for name, _, _ in VARIANTS]
-    breaks, explained = explain_wrong(by_name["wrong"], built["wrong"], renderer, backend.info.block_size)
-    wrong_records = by_name["wrong"].requests
-    agrees = all(
-        e.predicted_cached_tokens == r.cached_tokens for e, r in zip(explained, wrong_records, strict=True)
-    )
+    block_size = backend.info.block_size
+    breaks, agrees = explain_wrong(by_name["wrong"], built["wrong"], by_name["right"], renderer, block_size)
     cost = constraint_cost(
         backend, by_name["right"], built["right"], settings.cost_pairs, settings.call_tokens
     )
@@ -742,6 +805,7 @@ def run(backend: Backend, args: argparse.Namespace) -> MaskingResult:
         validity=validity,
         breaks=breaks,
         explainer_agrees=agrees,
+        footprints=footprints(variants, block_size),
         compiles=compiles,
         cost=cost,
         enforcement_state=settings.allowed.name,
@@ -805,30 +869,27 @@ def validity_table(result: MaskingResult) -> Table:
 
 
 def breaks_table(result: MaskingResult) -> Table:
-    title = "WRONG: where each change of state left the cache (the explainer, on WRONG's requests)"
+    title = "WRONG: each change of state, against the previous request (whose list it changes) and the cache"
     table = Table(title=title, title_justify="left")
-    right_aligned = ("#", "leaves cache at", "cached", "tokens lost")
-    for column in (
-        "#",
-        "state change",
-        "leaves cache at",
-        "in message",
-        "hint",
-        "first changed tool",
-        "cached",
-        "tokens lost",
-    ):
+    right_aligned = ("#", "leaves previous at", "cached", "computed", "RIGHT computed")
+    columns = ("#", "state change", "leaves previous at", "first changed tool", "cached", "served from")
+    for column in (*columns, "computed", "RIGHT computed"):
         table.add_column(column, justify="right" if column in right_aligned else "left")
+    states = {r.index: r.extra["state"] for r in result.variant("wrong").requests}
     for b in result.breaks:
+        if b.return_visit:
+            source = f"#{b.cached_from} ({states[b.cached_from]}): its last visit"
+        else:
+            source = "the prompt before the tool list"
         table.add_row(
             str(b.index),
             f"{b.states[0]} -> {b.states[1]}",
-            str(b.first_divergence),
-            b.message,
-            b.hint or "",
+            str(b.leaves_previous_at),
             f"#{b.tool_position}: {b.tools[0]} -> {b.tools[1]}",
             f"{b.cached_tokens:,}",
-            f"{b.lost_tokens:,}",
+            source,
+            f"{b.computed:,}",
+            f"{b.computed_right:,}",
         )
     return table
 
@@ -863,12 +924,24 @@ def show_details(result: ExampleResult) -> None:
         console.print(
             divergence_panel(record, f"WRONG request {record.index}: where the tool list left the cache")
         )
-        lost = [b.lost_tokens for b in result.breaks]
+        first = [b for b in result.breaks if not b.return_visit]
+        back = [b for b in result.breaks if b.return_visit]
+        extra = sum(b.computed - b.computed_right for b in result.breaks)
         console.print(
-            f"WRONG: {len(lost)} changes of state threw away {sum(lost):,} cached tokens "
-            f"({statistics.median(lost):,.0f} per change, median); the explainer's prediction == the "
-            f"engine on every WRONG request: {mark(result.explainer_agrees)}."
+            f"WRONG: {len(first)} first visits to a state kept only the prompt before the tool list; "
+            f"{len(back)} returns found the branch of their last visit and computed the conversation since. "
+            f"The {len(result.breaks)} changes computed {extra:,} tokens more than RIGHT's same steps. "
+            "The explainer's prediction == the engine on every WRONG request: "
+            f"{mark(result.explainer_agrees)}."
         )
+    blocks = ", ".join(f"{f.name.upper()} {f.blocks:,}" for f in result.footprints)
+    simulated = ", ".join(f"{f.name.upper()} {f.bounded_hit_rate:.1%}" for f in result.footprints)
+    size = result.footprints[0].bounded_blocks if result.footprints else 0
+    console.print(
+        f"KV blocks each session leaves in the cache (one branch per tool list): {blocks}.\n"
+        f"SIMULATED (harness/block_pool.py, the same token IDs): with only the {size} blocks RIGHT's longest "
+        f"request needs, as on a server busy with other sessions, the hit rates would be {simulated}."
+    )
     console.print(calls_table(result))
     console.print(validity_table(result))
     right = result.validity_of("right")
@@ -887,7 +960,8 @@ def show_details(result: ExampleResult) -> None:
         console.print(
             f"The constraint's cost per output token, {len(cost.pairs)} pairs on RIGHT's prompts, "
             f"{cost.output_tokens:,} tokens a side: {cost.ms_per_token(True):.1f} ms with it, "
-            f"{cost.ms_per_token(False):.1f} ms without; {mean:+.1f} ms{spread}: {cost.verdict()}."
+            f"{cost.ms_per_token(False):.1f} ms without; {mean:+.1f} ms{spread}, median pair "
+            f"{cost.median_overhead_ms():+.1f} ms: {cost.verdict()}."
         )
     console.print(enforcement_table(result))
     console.print(f"[dim]chat template: {escape(result.template)}[/]")

@@ -104,6 +104,10 @@ class PrefixCacheModel:
         """The ``index``-th recorded sequence (in the order recorded; -1 is the latest)."""
         return self._seen[index]
 
+    def blocks(self) -> int:
+        """Distinct full blocks recorded: the KV an engine that evicts nothing holds for them."""
+        return len(self._children)
+
     def predict(self, prompt: Sequence[int]) -> Prediction:
         """How much of ``prompt`` the cache serves; ``source`` is the recorded sequence sharing
         the longest prefix with it (the most recent one on a tie: the one an agent extends)."""

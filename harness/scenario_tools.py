@@ -15,6 +15,12 @@ agent made and what the tool answered, so every variant sees the same history an
 renders the same tokens. A coding agent switches state often (read a page, run a command, edit a
 file, run the build again): this task changes state on 11 of its 14 steps.
 
+The schemas bound strings with ``maxLength`` only where the bound is short (a session id, a key):
+xgrammar compiles a bound as a counted repetition, and with bounds of 100 to 2,000 characters on
+every string, compiling the four states' constraints took 6.6 to 13.5 s each (measured
+2026-12-02 on a 2-core AVX-512 machine with other work running), against 0.06 to 0.6 s without
+them.
+
 Everything here is fixed data; how a request is built from it is the lesson's business.
 """
 

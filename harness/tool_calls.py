@@ -191,6 +191,10 @@ class ConstraintCost:
         error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         return statistics.fmean(diffs), error
 
+    def median_overhead_ms(self) -> float:
+        """The median pair's difference: what a spike on a busy machine does not move."""
+        return statistics.median(p.overhead_ms for p in self.pairs) if self.pairs else 0.0
+
     def verdict(self) -> str:
         mean, error = self.overhead()
         if not self.pairs:
@@ -208,6 +212,7 @@ class ConstraintCost:
             "ms_per_token_unconstrained": round(self.ms_per_token(False), 3),
             "overhead_ms_per_token": round(mean, 3),
             "overhead_standard_error_ms": round(error, 3) if error is not None else None,
+            "overhead_ms_per_token_median": round(self.median_overhead_ms(), 3),
             "verdict": self.verdict(),
             "per_pair": [
                 {

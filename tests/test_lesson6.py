@@ -109,6 +109,18 @@ def test_wrong_tool_list_changes_with_the_state(tools_renderer: ChatRenderer) ->
     assert text.count('{"type": "function"') == 12
 
 
+def test_a_return_to_a_state_finds_the_branch_of_its_last_visit(tools_renderer: ChatRenderer) -> None:
+    """WRONG at step 7 is in 'shell' again (last there at step 4, 'edit' in between): its prompt
+    extends step 4's prompt, every token of it, while it shares with step 6's (the request just
+    before it) only the prompt before the tool list."""
+    wrong = lesson.build_wrong(8, template=TEMPLATE)
+    assert [r.state.name for r in wrong[3:8]] == ["shell", "shell", "edit", "edit", "shell"]
+    ids = {i: rendered(tools_renderer, wrong[i].messages, wrong[i].options) for i in (4, 6, 7)}
+    assert ids[7][: len(ids[4])] == ids[4]
+    before_tools = tools_renderer.decode(ids[7][: first_difference(ids[6], ids[7])])
+    assert before_tools.endswith('{"name": "') and before_tools.count('{"type": "function"') == 1
+
+
 def test_prefill_ends_the_prompt_inside_the_assistant_message(tools_renderer: ChatRenderer) -> None:
     requests = lesson.build_prefill(3, template=TEMPLATE)
     ids = rendered(tools_renderer, requests[1].messages, requests[1].options)
@@ -279,22 +291,29 @@ def check_quick_result(result: lesson.MaskingResult, steps: int) -> dict[str, An
         for r in v["requests"]:
             assert r["cached_tokens"] == r["predicted_cached_tokens"], (v["name"], r)
         assert v["engine_counters"]["agree_with_requests"] is True
-    # WRONG: the state changes at request 1 (reply -> browse); the prompt leaves the cache at the
-    # first tool's name, in the system message, and keeps only the blocks before it.
-    wrong = result.variant("wrong").requests
-    (brk,) = [b for b in result.breaks if b.index == 1]
-    assert (brk.message, brk.hint, brk.tool_position) == ("0 system", "tools_changed", 1)
-    assert brk.tools == ("message_ask_user", "browser_find_text")
-    assert wrong[1].first_divergence == brk.first_divergence
-    assert wrong[1].cached_tokens == BLOCK * (brk.first_divergence // BLOCK)
-    assert wrong[1].divergence is not None and (
-        wrong[1].divergence.previous_token,
-        wrong[1].divergence.token,
-    ) == (
-        "message",
-        "browser",
+    # WRONG: the state changes at request 1 (reply -> browse), a first visit: the prompt leaves
+    # the previous one at the first tool's name, in the system message, and keeps only the
+    # blocks before it.
+    wrong, right = result.variant("wrong").requests, result.variant("right").requests
+    (brk,) = result.breaks
+    assert (brk.index, brk.states, brk.hint, brk.tool_position) == (
+        1,
+        ("reply", "browse"),
+        "tools_changed",
+        1,
     )
-    assert brk.lost_tokens > 0 and result.explainer_agrees
+    assert brk.tools == ("message_ask_user", "browser_find_text")
+    assert wrong[1].first_divergence == brk.leaves_previous_at
+    assert brk.cached_tokens == wrong[1].cached_tokens == BLOCK * (brk.leaves_previous_at // BLOCK)
+    assert (brk.cached_from, brk.return_visit) == (0, False)
+    assert brk.computed == wrong[1].prompt_tokens - wrong[1].cached_tokens
+    assert brk.computed > brk.computed_right == right[1].prompt_tokens - right[1].cached_tokens
+    assert wrong[1].divergence is not None
+    assert (wrong[1].divergence.previous_token, wrong[1].divergence.token) == ("message", "browser")
+    assert result.explainer_agrees
+    blocks = {f.name: f.blocks for f in result.footprints}
+    assert all(f.bounded_blocks == result.footprints[0].bounded_blocks for f in result.footprints)
+    assert blocks["wrong"] > 0 and blocks["right"] > 0
     # RIGHT, PREFILL, FULL: every request extends what the previous one left (its prompt, and the
     # generated tokens it shares with the scripted call; each prefill is the start of that call).
     for name in ("right", "prefill", "full"):

@@ -5,6 +5,7 @@
     3  manual_cache_boundary         an explicit cache breakpoint for engines without prefix caching
     4  session_consistency           session-sticky routing vs round robin across engine workers
     5  prefix_cache_isolation        a shared prefix cache tells one tenant what another sent; cache_salt
+    6  tool_masking_vs_removal       tools removed from the prompt per state vs masked at decode time
 
 The engine starts once and every lesson that can share it does (its prefix cache is reset
 before each variant). A lesson that fails is reported and the others still run; the exit code
@@ -48,6 +49,7 @@ LESSONS = [
     Lesson(3, "manual_cache_boundary", "an explicit cache breakpoint without automatic caching"),
     Lesson(4, "session_consistency", "session-sticky routing vs round robin across workers"),
     Lesson(5, "prefix_cache_isolation", "a shared prefix cache as a side channel; cache_salt per tenant"),
+    Lesson(6, "tool_masking_vs_removal", "tools removed per state vs one tool list, masked at decode time"),
 ]
 BY_NUMBER = {lesson.number: lesson for lesson in LESSONS}
 
@@ -90,7 +92,7 @@ class Outcome:
     wall_s: float
     result: ExampleResult | None = None
     error: str = ""
-    headline: str = ""  # the lesson's own figure, when it has one (lessons 3-5)
+    headline: str = ""  # the lesson's own figure, when it has one (lessons 3-6)
 
 
 def own_engines(module: ModuleType) -> bool:

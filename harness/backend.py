@@ -10,13 +10,14 @@ mixes into the block hashes) and both expose the engine's cumulative prefix-cach
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import secrets
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from harness.api_key import NO_API_KEY, REFUSED_STATUSES, ApiKey
@@ -25,7 +26,69 @@ from harness.errors import UserError, first_line
 from harness.metrics import metric_label, parse_prometheus
 from harness.prefix import CacheModel, PrefixCacheModel
 
-Message = dict[str, str]
+Message = dict[str, Any]  # an OpenAI chat message: role, content; an assistant's tool_calls; a tool's id
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a request carries besides its messages; the default is a plain chat, greedy.
+
+    Rendering (they change the prompt's tokens):
+
+    * ``tools``: the tool list in the OpenAI format, which the chat template renders into the
+      prompt (most templates put it in the system message);
+    * ``chat_template``: the template's text; ``None``: the model's own on the embedded engine,
+      the server's own on a server (which refuses a request's template unless started with
+      ``--trust-request-chat-template``);
+    * ``continue_final_message``: the prompt ends inside the last message (an assistant message
+      holding the start of the reply, a *prefill*) and the model continues it, instead of a new
+      assistant turn (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
+
+    Decoding (they change only what may be generated):
+
+    * ``structured_outputs``: the fields of vLLM's ``StructuredOutputsParams``, one constraint:
+      ``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``, ``{"grammar": ...}`` or
+      ``{"structural_tag": json_text}``; the engine masks every token the constraint forbids;
+    * ``allowed_token_ids``: the only tokens any generated position may take;
+    * ``stop``: strings that end the reply (kept in the text); ``min_tokens``: no end before that
+      many tokens (with ``max_tokens`` equal to it: exactly that many, to time decoding alone).
+    """
+
+    tools: Sequence[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    continue_final_message: bool = False
+    structured_outputs: dict[str, Any] | None = None
+    allowed_token_ids: Sequence[int] | None = None
+    stop: Sequence[str] | None = None
+    min_tokens: int = 0
+
+    def changes_rendering(self) -> bool:
+        return bool(self.tools) or self.chat_template is not None or self.continue_final_message
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The decoding options under their vLLM names (the same in ``SamplingParams`` and in a
+        server's request body), only those set."""
+        out: dict[str, Any] = {}
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = dict(self.structured_outputs)
+        if self.allowed_token_ids is not None:
+            out["allowed_token_ids"] = [int(t) for t in self.allowed_token_ids]
+        if self.stop:
+            out.update(stop=list(self.stop), include_stop_str_in_output=True)
+        if self.min_tokens:
+            out["min_tokens"] = self.min_tokens
+        return out
+
+    def chat_fields(self) -> dict[str, Any]:
+        """The rendering options as a chat request body (and ``/tokenize``) spells them."""
+        out: dict[str, Any] = {}
+        if self.tools:
+            out["tools"] = [dict(tool) for tool in self.tools]
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        if self.continue_final_message:
+            out.update(continue_final_message=True, add_generation_prompt=False)
+        return out
 
 
 @dataclass(frozen=True)
@@ -60,6 +123,19 @@ class Reply:
     prompt_token_ids: list[int] | None  # what the engine saw, when it says
     output_token_ids: list[int] | None
     text: str
+    decode_ms: float | None = None  # from the first generated token to the last (None: not known)
+    finish_reason: str | None = None  # "stop" (an end token or a stop string) or "length" (max_tokens)
+
+    @property
+    def output_tokens(self) -> int | None:
+        return len(self.output_token_ids) if self.output_token_ids is not None else None
+
+    def ms_per_output_token(self) -> float | None:
+        """Decoding time per token after the first (the first token's time is the TTFT)."""
+        n = self.output_tokens
+        if self.decode_ms is None or n is None or n < 2:
+            return None
+        return self.decode_ms / (n - 1)
 
 
 @dataclass(frozen=True)
@@ -76,8 +152,9 @@ class PrefixCounters:
 class Backend(Protocol):
     info: EngineInfo
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
-        """The prompt token IDs for ``messages`` under the model's chat template."""
+    def render(self, messages: Sequence[Message], options: RequestOptions | None = None) -> list[int]:
+        """The prompt token IDs for ``messages`` under the model's chat template (and the
+        rendering ``options``: tools, template, a prefill to continue)."""
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
@@ -92,11 +169,12 @@ class Backend(Protocol):
         max_tokens: int = 1,
         cache_salt: str | None = None,
         read_cache: bool = True,
+        options: RequestOptions | None = None,
     ) -> Reply:
         """Run one request; ``cache_salt`` (non-empty) keeps its cache apart from other salts.
 
         ``read_cache=False``: the request reuses nothing from the prefix cache and prefills
-        every token, as on an engine without prefix caching.
+        every token, as on an engine without prefix caching. ``options``: see ``RequestOptions``.
         """
         ...
 
@@ -174,8 +252,13 @@ class OfflineBackend:
         self.info = EngineInfo("vllm", display_name, opts.resolved_device(), block_size, vllm_version())
         self._warm_up()
 
-    def _params(self, max_tokens: int, read_cache: bool = True) -> Any:
-        params = self._sampling(max_tokens=max_tokens, temperature=0.0, seed=self.opts.seed)
+    def _params(self, max_tokens: int, read_cache: bool = True, options: RequestOptions | None = None) -> Any:
+        fields = options.sampling_fields() if options is not None else {}
+        if "structured_outputs" in fields:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
+        params = self._sampling(max_tokens=max_tokens, temperature=0.0, seed=self.opts.seed, **fields)
         if not read_cache:
             # vLLM's own per-request switch: the scheduler skips the prefix-cache lookup (and
             # does not count one), so the request computes all of its prompt.
@@ -186,8 +269,22 @@ class OfflineBackend:
         # A raw (non-chat) prompt shares no prefix with any chat-templated lesson prompt.
         self.llm.generate([WARMUP_PROMPT], self._params(4), use_tqdm=False)
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
-        return self.tokenizer.render(messages)
+    def render(self, messages: Sequence[Message], options: RequestOptions | None = None) -> list[int]:
+        if options is None or not options.changes_rendering():
+            return self.tokenizer.render(messages)
+        # Tools, a template or a prefill: vLLM's own chat rendering, the one LLM.chat uses and
+        # the server's (tool-call arguments parsed into objects before the template sees them;
+        # a plain tokenizer template call would print them as a quoted string). It may edit the
+        # messages it is given, so it gets a copy.
+        fields = options.chat_fields()
+        engine_input = self.llm._preprocess_chat_one(
+            copy.deepcopy(list(messages)),
+            chat_template=fields.get("chat_template"),
+            add_generation_prompt=fields.get("add_generation_prompt", True),
+            continue_final_message=options.continue_final_message,
+            tools=fields.get("tools"),
+        )
+        return [int(t) for t in engine_input["prompt_token_ids"]]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids)
@@ -205,10 +302,12 @@ class OfflineBackend:
         max_tokens: int = 1,
         cache_salt: str | None = None,
         read_cache: bool = True,
+        options: RequestOptions | None = None,
     ) -> Reply:
         # Rendered here with the model's own chat template (as vLLM's chat entry point does),
         # so the prediction and the engine see the very same token IDs.
-        return self.generate_tokens(self.render(messages), max_tokens, cache_salt, read_cache)
+        prompt_ids = self.render(messages, options)
+        return self.generate_tokens(prompt_ids, max_tokens, cache_salt, read_cache, options)
 
     def generate_tokens(
         self,
@@ -216,6 +315,7 @@ class OfflineBackend:
         max_tokens: int = 1,
         cache_salt: str | None = None,
         read_cache: bool = True,
+        options: RequestOptions | None = None,
     ) -> Reply:
         """Run one request given as token IDs (what the tests use to place divergences exactly)."""
         from vllm.inputs import TokensPrompt
@@ -228,9 +328,18 @@ class OfflineBackend:
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         if cache_salt:
             prompt["cache_salt"] = cache_salt
-        out = self.llm.generate([prompt], self._params(max_tokens, read_cache), use_tqdm=False)[0]
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            params = self._params(max_tokens, read_cache, options)
+            out = self.llm.generate([prompt], params, use_tqdm=False)[0]
+        except VLLMClientError as exc:  # the request's fault (a bad constraint, min_tokens > max_tokens)
+            raise UserError(f"vLLM refused the request: {first_line(exc)}") from exc
         metrics = out.metrics
         ttft = float(getattr(metrics, "first_token_latency", 0.0) or 0.0) * 1000.0
+        # The engine core's own clock: first and last generated token (decoding alone).
+        first = float(getattr(metrics, "first_token_ts", 0.0) or 0.0)
+        last = float(getattr(metrics, "last_token_ts", 0.0) or 0.0)
         completion = out.outputs[0]
         return Reply(
             prompt_tokens=len(out.prompt_token_ids),
@@ -239,6 +348,8 @@ class OfflineBackend:
             prompt_token_ids=list(out.prompt_token_ids),
             output_token_ids=list(completion.token_ids),
             text=completion.text,
+            decode_ms=(last - first) * 1000.0 if first and last >= first else None,
+            finish_reason=completion.finish_reason,
         )
 
     def cache_model(self) -> CacheModel:
@@ -324,6 +435,64 @@ def streaming_chat_request(
     }
 
 
+def request_fields(options: RequestOptions | None) -> dict[str, Any]:
+    """A chat completion's body fields for ``options`` (vLLM's names). With tools, ``tool_choice``
+    is ``"none"``: the reply comes back as text, which the lesson parses itself, and a server
+    without a tool parser refuses the default ``"auto"``; the prompt is rendered the same."""
+    if options is None:
+        return {}
+    fields = {**options.chat_fields(), **options.sampling_fields()}
+    if options.tools:
+        fields["tool_choice"] = "none"
+    return fields
+
+
+@dataclass
+class StreamedReply:
+    """A streamed chat completion, chunk by chunk, asked with ``return_token_ids``: TTFT is the
+    first chunk's arrival, decoding the time from it to the last token's chunk; the prompt IDs
+    come in the first chunk and every generated ID in the chunk that carries it."""
+
+    start: float  # time.perf_counter() when the request was sent
+    ttft_ms: float = 0.0
+    last_token_ms: float = 0.0
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    usage: Any = None
+    finish_reason: str | None = None
+
+    def add(self, chunk: Any) -> None:
+        now = (time.perf_counter() - self.start) * 1000.0
+        extra = chunk.model_extra or {}
+        if extra.get("prompt_token_ids") is not None:
+            self.prompt_token_ids = [int(t) for t in extra["prompt_token_ids"]]
+        if chunk.choices and not self.ttft_ms:
+            self.ttft_ms = now
+        for choice in chunk.choices:
+            self.text += choice.delta.content or ""
+            ids = (choice.model_extra or {}).get("token_ids")
+            if ids:
+                self.output_token_ids.extend(int(t) for t in ids)
+                self.last_token_ms = now
+            self.finish_reason = choice.finish_reason or self.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def reply(self, server: str) -> Reply:
+        """The finished request (``usage`` must have come: see ``cached_tokens_of``)."""
+        return Reply(
+            prompt_tokens=int(self.usage.prompt_tokens),
+            cached_tokens=cached_tokens_of(self.usage, server),
+            ttft_ms=self.ttft_ms,
+            prompt_token_ids=self.prompt_token_ids,
+            output_token_ids=self.output_token_ids,
+            text=self.text,
+            decode_ms=max(0.0, self.last_token_ms - self.ttft_ms) if self.output_token_ids else None,
+            finish_reason=self.finish_reason,
+        )
+
+
 def cached_tokens_of(usage: Any, server: str) -> int:
     """``usage.prompt_tokens_details.cached_tokens``, or a one-line error naming the server flag."""
     details = usage.prompt_tokens_details
@@ -398,8 +567,9 @@ class ServerBackend:
         except Exception as exc:
             raise UserError(f"cannot read {self.base}/metrics: {exc}") from exc
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
+    def render(self, messages: Sequence[Message], options: RequestOptions | None = None) -> list[int]:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
+        body.update(options.chat_fields() if options is not None else {})
         return [int(t) for t in http_json(self.base + "/tokenize", body, api_key=self.api_key)["tokens"]]
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -417,26 +587,22 @@ class ServerBackend:
         max_tokens: int = 1,
         cache_salt: str | None = None,
         read_cache: bool = True,
+        options: RequestOptions | None = None,
     ) -> Reply:
         import openai
 
         if not read_cache:  # the HTTP API has no such switch: a salt used once matches nothing
             cache_salt = f"no-reuse-{secrets.token_hex(8)}"
 
-        start = time.perf_counter()
-        ttft_ms = 0.0
-        text, usage = "", None
+        # return_token_ids: the prompt IDs the server saw and every generated ID, so the cache
+        # model records exactly what the engine computed (generated tokens are cached too).
+        salt = cache_salt or self._salt
+        fields = request_fields(options)
+        body = streaming_chat_request(self.model, messages, max_tokens, salt, return_token_ids=True, **fields)
+        streamed = StreamedReply(time.perf_counter())
         try:
-            stream = self.client.chat.completions.create(
-                **streaming_chat_request(self.model, messages, max_tokens, cache_salt or self._salt)
-            )
-            for chunk in stream:
-                if chunk.choices and not ttft_ms:
-                    ttft_ms = (time.perf_counter() - start) * 1000.0
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            for chunk in self.client.chat.completions.create(**body):
+                streamed.add(chunk)
         except openai.APIStatusError as exc:
             if exc.status_code in REFUSED_STATUSES:
                 raise self.api_key.refused(self.base, exc.status_code) from None
@@ -444,16 +610,9 @@ class ServerBackend:
             raise UserError(f"the server refused the request: {message}") from exc
         except openai.APIConnectionError as exc:
             raise UserError(f"lost the connection to {self.base}: {exc}") from exc
-        if usage is None:
+        if streamed.usage is None:
             raise UserError("the server sent no usage: is it a vLLM OpenAI-compatible server?")
-        return Reply(
-            prompt_tokens=int(usage.prompt_tokens),
-            cached_tokens=cached_tokens_of(usage, "the server"),
-            ttft_ms=ttft_ms,
-            prompt_token_ids=None,
-            output_token_ids=None,
-            text=text,
-        )
+        return streamed.reply("the server")
 
     def cache_model(self) -> CacheModel:
         return PrefixCacheModel(self.block_size)

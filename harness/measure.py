@@ -9,11 +9,11 @@ equal terms.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.backend import Backend, Message, PrefixCounters, Reply
+from harness.backend import Backend, Message, PrefixCounters, Reply, RequestOptions
 from harness.console import console
 from harness.prefix import CacheModel, Divergence, Prediction, explain_divergence
 
@@ -28,6 +28,9 @@ class RequestRecord:
     first_divergence: int  # first token index not shared with anything cached (== prompt_tokens: none)
     divergence: Divergence | None = None  # the text around first_divergence
     extra: dict[str, Any] = field(default_factory=dict)  # lesson-specific fields (e.g. worker)
+    # The engine's whole answer (generated text, decoding time): for lessons that judge what was
+    # generated; not in the JSON, where a lesson adds what it concludes from it to ``extra``.
+    reply: Reply | None = field(default=None, repr=False, compare=False)
 
     @property
     def prediction_ok(self) -> bool:
@@ -171,6 +174,7 @@ class Recorder:
             first_divergence=prediction.common_prefix,
             divergence=divergence,
             extra=dict(extra or {}),
+            reply=reply,
         )
 
 
@@ -199,19 +203,26 @@ def run_variant(
     max_tokens: int = 1,
     on_request: Callable[[RequestRecord], None] | None = None,
     read_cache: bool = True,
+    options: Sequence[RequestOptions | None] | None = None,
 ) -> VariantResult:
     """Send ``requests`` in order, from a cold cache, predicting each one's cache hit first.
 
     ``read_cache=False``: every request computes its whole prompt (no prefix caching), so the
-    prediction is 0 for each and nothing counts as a divergence.
+    prediction is 0 for each and nothing counts as a divergence. ``options``: one per request
+    (tools, a prefill, a decoding constraint: ``RequestOptions``), rendered and sent with it.
     """
+    if options is not None and len(options) != len(requests):
+        raise ValueError(f"{len(options)} options for {len(requests)} requests")
     backend.start_variant()
     recorder = Recorder(backend.cache_model(), backend.decode, read_cache)
     before = backend.counters()
     records: list[RequestRecord] = []
     for index, messages in enumerate(requests):
-        pending = recorder.predict(index, backend.render(messages))
-        reply = backend.generate(messages, max_tokens=max_tokens, read_cache=read_cache)
+        request_options = options[index] if options is not None else None
+        pending = recorder.predict(index, backend.render(messages, request_options))
+        reply = backend.generate(
+            messages, max_tokens=max_tokens, read_cache=read_cache, options=request_options
+        )
         record = recorder.record(pending, reply)
         records.append(record)
         if on_request is not None:
@@ -226,10 +237,11 @@ def run_variants(
     variants: Sequence[tuple[str, str, Sequence[Sequence[Message]]]],
     max_tokens: int,
     read_cache: bool = True,
+    options: Mapping[str, Sequence[RequestOptions | None]] | None = None,
 ) -> list[VariantResult]:
     """Measure each (name, label, requests) variant in order, each from a cold cache, showing each
     request live as it completes (``harness.live``; ``read_cache=False``: with no prefix-cache
-    reuse at all, see ``run_variant``)."""
+    reuse at all, see ``run_variant``; ``options``: per variant name, one per request)."""
     from harness.live import live_variant
 
     results: list[VariantResult] = []
@@ -237,7 +249,14 @@ def run_variants(
         with live_variant(console, name, len(requests)) as live:
             results.append(
                 run_variant(
-                    backend, name, label, requests, max_tokens, on_request=live.add, read_cache=read_cache
+                    backend,
+                    name,
+                    label,
+                    requests,
+                    max_tokens,
+                    on_request=live.add,
+                    read_cache=read_cache,
+                    options=(options or {}).get(name),
                 )
             )
     return results

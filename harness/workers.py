@@ -32,7 +32,7 @@ from harness.backend import (
     Message,
     PrefixCounters,
     Reply,
-    cached_tokens_of,
+    StreamedReply,
     metric_label,
     parse_prometheus,
     streaming_chat_request,
@@ -151,11 +151,7 @@ class AsyncWorkerClient:
         """
         import openai
 
-        start = time.perf_counter()
-        ttft_ms = 0.0
-        prompt_ids: list[int] | None = None
-        output_ids: list[int] = []
-        text, usage = "", None
+        streamed = StreamedReply(time.perf_counter())
         try:
             stream = await self.openai.chat.completions.create(
                 # return_token_ids: the prompt IDs the engine saw (first chunk) and every
@@ -166,18 +162,7 @@ class AsyncWorkerClient:
             if on_accepted is not None:
                 await on_accepted()
             async for chunk in stream:
-                extra = chunk.model_extra or {}
-                if extra.get("prompt_token_ids") is not None:
-                    prompt_ids = [int(t) for t in extra["prompt_token_ids"]]
-                if chunk.choices and not ttft_ms:
-                    ttft_ms = (time.perf_counter() - start) * 1000.0
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                    ids = (choice.model_extra or {}).get("token_ids")
-                    if ids:
-                        output_ids.extend(int(t) for t in ids)
-                if chunk.usage is not None:
-                    usage = chunk.usage
+                streamed.add(chunk)
         except (openai.APIConnectionError, httpx.TransportError) as exc:
             raise WorkerUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         except openai.APIStatusError as exc:
@@ -187,16 +172,9 @@ class AsyncWorkerClient:
                 raise WorkerUnavailable(f"{self.url}: HTTP {exc.status_code}") from exc
             message = str(exc.message).strip().splitlines()[0]
             raise UserError(f"{self.url} refused the request: {message}") from exc
-        if usage is None:
+        if streamed.usage is None:
             raise WorkerUnavailable(f"{self.url}: the stream ended without usage (worker lost?)")
-        return Reply(
-            prompt_tokens=int(usage.prompt_tokens),
-            cached_tokens=cached_tokens_of(usage, self.url),
-            ttft_ms=ttft_ms,
-            prompt_token_ids=prompt_ids,
-            output_token_ids=output_ids,
-            text=text,
-        )
+        return streamed.reply(self.url)
 
     async def tokenize(self, messages: Sequence[Message]) -> list[int]:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}

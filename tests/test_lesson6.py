@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 from conftest import run_script, validate
 
+import harness.masking as masking
 import tool_masking_vs_removal as lesson
 from harness.backend import OfflineBackend, RequestOptions, ServerBackend
 from harness.explain.formats import OPENAI, ChatRequest
@@ -310,6 +311,10 @@ def check_quick_result(result: lesson.MaskingResult, steps: int) -> dict[str, An
     assert wrong[1].divergence is not None
     assert (wrong[1].divergence.previous_token, wrong[1].divergence.token) == ("message", "browser")
     assert result.explainer_agrees
+    work = {w.name: w for w in result.work}
+    # The second request is WRONG's state change: it computes the tool list and all after it again.
+    assert work["wrong"].computed_warm == brk.computed > work["right"].computed_warm
+    assert work["right"].computed_warm == right[1].prompt_tokens - right[1].cached_tokens
     blocks = {f.name: f.blocks for f in result.footprints}
     assert all(f.bounded_blocks == result.footprints[0].bounded_blocks for f in result.footprints)
     assert blocks["wrong"] > 0 and blocks["right"] > 0
@@ -351,7 +356,7 @@ def check_quick_result(result: lesson.MaskingResult, steps: int) -> dict[str, An
 def test_quick_lesson_on_the_engine(
     engine: OfflineBackend, tools_renderer: ChatRenderer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lesson, "tools_renderer", lambda model, template: tools_renderer)
+    monkeypatch.setattr(masking, "tools_renderer", lambda model, template: tools_renderer)
     result = lesson.run(engine, quick_args())
     data = check_quick_result(result, lesson.QUICK_STEPS)
     assert result.template == "chatml_tools.jinja"  # SmolLM2's own template ignores tools
@@ -371,7 +376,7 @@ def test_quick_lesson_against_the_server(
 ) -> None:
     """The same requests as server fields: tools, structured_outputs, continue_final_message,
     allowed_token_ids; the prompt and generated IDs from return_token_ids."""
-    monkeypatch.setattr(lesson, "tools_renderer", lambda model, template: tools_renderer)
+    monkeypatch.setattr(masking, "tools_renderer", lambda model, template: tools_renderer)
     backend = server_backend(vllm_server)
     try:
         result = lesson.run(backend, quick_args(cost_pairs=0, call_tokens=24))

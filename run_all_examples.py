@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for lesson in LESSONS:
             console.print(f"{lesson.number}  {lesson.module:<30} {lesson.title}")
         return 0
-    check_price_as(args.price_as)
+    args.price_as = check_price_as(args.price_as)
     json_path = check_json_target(args.json)
     report_dir = check_report_dir(args.report)
     start = time.perf_counter()

@@ -123,7 +123,7 @@ def lesson_main(
     add_args(parser)
     args = parser.parse_args(argv)
     check_args(args)
-    check_price_as(args.price_as)
+    args.price_as = check_price_as(args.price_as)
     json_path = check_json_target(args.json)
     if not shared_engine:
         result = run(None, args)
@@ -137,11 +137,12 @@ def lesson_main(
     return 0
 
 
-def check_price_as(provider_model: str) -> None:
-    """``--price-as`` names a provider:model the price table knows (one line and exit 2 if not)."""
+def check_price_as(provider_model: str) -> str:
+    """``--price-as`` names a provider:model the price table knows (one line and exit 2 if not);
+    returns it as ``provider:model`` (a provider alone is its default model)."""
     from harness.providers import load_table
 
-    load_table().entry(provider_model)
+    return load_table().entry(provider_model).key
 
 
 def engine_options(args: argparse.Namespace, enable_prefix_caching: bool = True) -> EngineOptions:

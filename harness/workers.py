@@ -178,13 +178,21 @@ class AsyncWorkerClient:
 
     async def tokenize(self, messages: Sequence[Message]) -> list[int]:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
-        resp = await self.http.post(self.url + "/tokenize", json=body)
-        resp.raise_for_status()
+        resp = self._checked(await self.http.post(self.url + "/tokenize", json=body))
         return [int(t) for t in resp.json()["tokens"]]
 
+    def _checked(self, resp: httpx.Response) -> httpx.Response:
+        """A refused key (a server restarted with another, mid-run) is one line, as in ``chat``."""
+        if resp.status_code in REFUSED_STATUSES:
+            raise self.api_key.refused(self.url, resp.status_code)
+        if resp.status_code in self.unavailable_statuses:
+            raise WorkerUnavailable(f"{self.url}: HTTP {resp.status_code}")
+        if resp.is_error:
+            raise UserError(f"{resp.request.url}: HTTP {resp.status_code}")
+        return resp
+
     async def counters(self) -> PrefixCounters:
-        resp = await self.http.get(self.url + "/metrics")
-        resp.raise_for_status()
+        resp = self._checked(await self.http.get(self.url + "/metrics"))
         totals = parse_prometheus(resp.text)
         return PrefixCounters(
             int(totals.get("vllm:prefix_cache_queries_total", 0)),

@@ -20,7 +20,7 @@ from harness.explain.render import ChatRenderer
 from harness.explain.report import print_report, report_json
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGS = sorted((ROOT / "examples").glob("*.jsonl"))
+LOGS = [*sorted((ROOT / "examples").glob("*.jsonl")), ROOT / "docs" / "proxy" / "log.jsonl"]
 
 
 @pytest.fixture(scope="module")

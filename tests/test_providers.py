@@ -887,3 +887,22 @@ def common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def test_provider_names_resolve_to_one_provider_model_each() -> None:
+    """``--provider all,openai:<its default>`` prices the default once; a provider alone is written
+    as its default model (the name the tables show); ``--price-as`` the same."""
+    from harness.cli import check_price_as
+    from harness.explain.costs import resolve
+
+    table = load_table()
+    default = table.entry("openai").key
+    assert default.startswith("openai:") and default != "openai:*"
+    names = resolve(["all", default, "openai"], table)
+    assert names[:2] == ["vllm", "sglang"]
+    assert names.count(default) == 1
+    assert len(names) == len(set(names)) == 5  # the engines, then openai, anthropic, gemini defaults
+    assert all(":" in name for name in names[2:])
+    assert check_price_as("openai") == default
+    with pytest.raises(UserError, match="nobody"):
+        resolve(["nobody:x"], table)

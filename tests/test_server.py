@@ -186,3 +186,30 @@ def test_recording_a_log_from_a_keyed_server(server: ServerProcess, tmp_path: Pa
     assert len(log.read_text().splitlines()) == 2 + 4  # the OpenAI session's turns, then Anthropic's 4
     assert server.api_key.encode() not in log.read_bytes()
     assert server.api_key not in proc.stdout + proc.stderr
+
+
+def test_lesson_4s_async_client_says_a_refused_key_in_one_line(server: ServerProcess) -> None:
+    """A worker that stops taking the key mid-run (restarted with another): the async client's
+    chat and tokenize calls each say it in the same one line, never an httpx traceback."""
+    import asyncio
+
+    from harness.workers import AsyncWorkerClient
+
+    async def calls() -> list[str]:
+        client = AsyncWorkerClient(server.url, "m", api_key=ApiKey(WRONG_KEY, "VLLM_API_KEY"))
+        said = []
+        for call in (
+            client.chat([{"role": "user", "content": "Hi"}], "salt"),
+            client.tokenize([{"role": "user", "content": "Hi"}]),
+        ):
+            with pytest.raises(UserError) as caught:
+                await call
+            said.append(str(caught.value))
+        await client.http.aclose()
+        await client.openai.close()
+        return said
+
+    expected = f"{server.url} refused the API key from VLLM_API_KEY (401 Unauthorized)"
+    for said in asyncio.run(calls()):
+        assert said.startswith(expected), said
+        assert WRONG_KEY not in said

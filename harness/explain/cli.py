@@ -26,7 +26,7 @@ from harness.explain.analyze import (
     RequestExplanation,
     explain_requests,
 )
-from harness.explain.costs import ENGINES, Pricer, expand
+from harness.explain.costs import Pricer, resolve
 from harness.explain.diagnostics import diagnosed
 from harness.explain.flags import add_state_args
 from harness.explain.formats import ChatRequest, SkippedLine, iter_requests
@@ -283,12 +283,9 @@ def run(args: argparse.Namespace) -> int:
     profile = Profile(enabled=args.profile)
     _check(args)
     api_key = api_key_from(args.api_key)
-    providers = expand(args.provider)
     # Always loaded (a small JSON file): a log recorded from a hosted API is held to its rules.
     table = load_table(args.prices)
-    for name in providers:
-        if name not in ENGINES:
-            table.entry(name)  # an unknown provider or model fails here, before anything slow
+    providers = resolve(args.provider, table)
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)

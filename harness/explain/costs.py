@@ -175,6 +175,18 @@ def expand(names: Sequence[str]) -> list[str]:
     return out
 
 
+def resolve(names: Sequence[str], table: PriceTable) -> list[str]:
+    """``expand``ed, each hosted name checked and written as the table's ``provider:model`` (a
+    provider alone is its default model), each once: ``all,openai:gpt-6.2-sol`` prices that model
+    once. An unknown provider or model fails here, before anything slow."""
+    out: list[str] = []
+    for name in expand(names):
+        key = name if name in ENGINES else table.entry(name).key
+        if key not in out:
+            out.append(key)
+    return out
+
+
 # --------------------------------------------------------------------------- one request, one provider
 
 

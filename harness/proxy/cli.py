@@ -151,7 +151,7 @@ def default_log_name() -> Path:
 
 def check_args(args: argparse.Namespace) -> tuple[ProxySettings, LiveSettings | None, Path]:
     """Every check that can fail, before anything listens or is written."""
-    from harness.explain.costs import ENGINES, expand
+    from harness.explain.costs import resolve
     from harness.monitor.poll import normalize_url
 
     upstream = normalize_url(args.upstream)
@@ -185,14 +185,11 @@ def check_args(args: argparse.Namespace) -> tuple[ProxySettings, LiveSettings | 
         from harness.model import resolve_model
 
         model = resolve_model(args.model).name_or_path
-    providers = expand(args.provider)
-    if providers or args.prices is not None:
+    providers: list[str] = []
+    if args.provider or args.prices is not None:
         from harness.providers import load_table
 
-        table = load_table(args.prices)
-        for name in providers:
-            if name not in ENGINES:
-                table.entry(name)  # an unknown provider or model fails here
+        providers = resolve(args.provider, load_table(args.prices))  # an unknown one fails here
     live = LiveSettings(
         upstream=upstream,
         model=model,

@@ -188,28 +188,27 @@ def test_recording_a_log_from_a_keyed_server(server: ServerProcess, tmp_path: Pa
     assert server.api_key not in proc.stdout + proc.stderr
 
 
-def test_lesson_4s_async_client_says_a_refused_key_in_one_line(server: ServerProcess) -> None:
-    """A worker that stops taking the key mid-run (restarted with another): the async client's
-    chat and tokenize calls each say it in the same one line, never an httpx traceback."""
+def test_lesson_4s_async_client_says_what_went_wrong_in_one_line(server: ServerProcess) -> None:
+    """A worker that stops taking the key mid-run (restarted with another) is the same one line
+    as at start-up; an error on the paths vLLM leaves open (``/tokenize`` for a model it does not
+    serve) is one line naming the URL and the status, never an httpx traceback."""
     import asyncio
 
     from harness.workers import AsyncWorkerClient
 
-    async def calls() -> list[str]:
-        client = AsyncWorkerClient(server.url, "m", api_key=ApiKey(WRONG_KEY, "VLLM_API_KEY"))
-        said = []
-        for call in (
-            client.chat([{"role": "user", "content": "Hi"}], "salt"),
-            client.tokenize([{"role": "user", "content": "Hi"}]),
-        ):
-            with pytest.raises(UserError) as caught:
-                await call
-            said.append(str(caught.value))
-        await client.http.aclose()
-        await client.openai.close()
-        return said
+    async def calls() -> tuple[str, str]:
+        client = AsyncWorkerClient(server.url, "no-such-model", api_key=ApiKey(WRONG_KEY, "VLLM_API_KEY"))
+        try:
+            with pytest.raises(UserError) as chat:
+                await client.chat([{"role": "user", "content": "Hi"}], "salt")
+            with pytest.raises(UserError) as tokenize:
+                await client.tokenize([{"role": "user", "content": "Hi"}])
+        finally:
+            await client.http.aclose()
+            await client.openai.close()
+        return str(chat.value), str(tokenize.value)
 
-    expected = f"{server.url} refused the API key from VLLM_API_KEY (401 Unauthorized)"
-    for said in asyncio.run(calls()):
-        assert said.startswith(expected), said
-        assert WRONG_KEY not in said
+    chat, tokenize = asyncio.run(calls())
+    assert chat.startswith(f"{server.url} refused the API key from VLLM_API_KEY (401 Unauthorized)"), chat
+    assert WRONG_KEY not in chat
+    assert tokenize == f"{server.url}/tokenize: HTTP 404", tokenize

@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from harness.backend import WARMUP_PROMPT, EngineInfo, Message, PrefixCounters, Reply
+from harness.backend import WARMUP_PROMPT, EngineInfo, Message, PrefixCounters, Reply, RequestOptions
 from harness.engine import cpu_threads
 from harness.errors import UserError, first_line
 from harness.measure import RequestRecord
@@ -672,6 +672,11 @@ class BreakpointCacheModel:
 # --------------------------------------------------------------------------- as a Backend
 
 
+def _plain(options: RequestOptions | None) -> None:
+    if options is not None:
+        raise ValueError("the breakpoint engine renders plain chats: no tools, prefill or constraint")
+
+
 class BreakpointBackend:
     """The breakpoint engine behind the harness's ``Backend`` protocol, so the one measuring step
     (``harness.measure.run_variant``) predicts, sends and records its requests exactly as it does
@@ -689,7 +694,8 @@ class BreakpointBackend:
         self.replies: list[ManualReply] = []
         self._stable: dict[tuple[int, ...], int] = {}  # prompt IDs -> where its marker cut
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
+    def render(self, messages: Sequence[Message], options: RequestOptions | None = None) -> list[int]:
+        _plain(options)
         prompt = self.engine.prepare(messages)
         self._stable[tuple(prompt.token_ids)] = prompt.prefix_len
         return list(prompt.token_ids)
@@ -723,8 +729,10 @@ class BreakpointBackend:
         max_tokens: int = 1,
         cache_salt: str | None = None,
         read_cache: bool = True,
+        options: RequestOptions | None = None,
     ) -> Reply:
         """One request; ``read_cache=False`` is the full recompute (``generate_uncached``)."""
+        _plain(options)
         if cache_salt:
             raise ValueError("the breakpoint engine has one store: cache_salt is not supported")
         if read_cache:

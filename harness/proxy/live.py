@@ -514,16 +514,11 @@ def _reason(message: str) -> str:
 
 
 def reported_usage(record: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(prompt tokens, cached tokens) as the upstream reported them, in any of the three APIs."""
+    """(prompt tokens, cached tokens) as the upstream reported them, in any of the three APIs
+    (read by the explainer's own response parser)."""
     from harness.explain.formats import parse_response
 
-    response = record.get("response")
-    parsed = parse_response(response, "")  # Chat Completions and Anthropic Messages
-    if parsed is not None and parsed.usage is not None:
-        return parsed.usage.prompt_tokens, parsed.usage.cached_tokens
-    usage = response.get("usage") if isinstance(response, dict) else None
-    details = usage.get("input_tokens_details") if isinstance(usage, dict) else None
-    if isinstance(usage, dict) and isinstance(details, dict):  # Responses API
-        prompt, cached = usage.get("input_tokens"), details.get("cached_tokens")
-        return (prompt if isinstance(prompt, int) else None, cached if isinstance(cached, int) else None)
-    return None, None
+    parsed = parse_response(record.get("response"), "")
+    if parsed is None or parsed.usage is None:
+        return None, None
+    return parsed.usage.prompt_tokens, parsed.usage.cached_tokens

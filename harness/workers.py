@@ -182,7 +182,8 @@ class AsyncWorkerClient:
         return [int(t) for t in resp.json()["tokens"]]
 
     def _checked(self, resp: httpx.Response) -> httpx.Response:
-        """A refused key (a server restarted with another, mid-run) is one line, as in ``chat``."""
+        """An error answer is one line, as in ``chat``: a refused key (vLLM leaves ``/tokenize``
+        and ``/metrics`` open, a proxy in front of it may not), a worker gone, anything else."""
         if resp.status_code in REFUSED_STATUSES:
             raise self.api_key.refused(self.url, resp.status_code)
         if resp.status_code in self.unavailable_statuses:

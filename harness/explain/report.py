@@ -495,9 +495,15 @@ DIAGNOSIS_MEANING = {
 }
 
 
-def diagnosis_line(d: Diagnosis) -> str:
+def diagnosis_worth_showing(d: Diagnosis) -> bool:
+    """A miss the provider explains, or anything the explainer disagrees with (a hit, or nothing
+    reported, that both sides agree on goes without a line)."""
+    return d.outcome not in ("none_reported", "hit") or d.agrees is False
+
+
+def diagnosis_line(d: Diagnosis, with_line: bool = True) -> str:
     """ "line 6: anthropic says tools_changed (~1,200 tokens missed), against line 5; the explainer
-    finds tools (...): agree" """
+    finds tools (...): agree" (without "line 6: " when ``with_line`` is off)."""
     theirs = d.reason or d.outcome
     if d.missed_tokens is not None:
         theirs += f" (~{d.missed_tokens:,} tokens missed)"
@@ -513,9 +519,8 @@ def diagnosis_line(d: Diagnosis) -> str:
     if d.compared_with is not None and d.compared_with != d.baseline_line:
         ours += f", compared with line {d.compared_with}"
     verdict = {True: "agree", False: "DISAGREE", None: "nothing to compare"}[d.agrees]
-    return (
-        f"line {d.line}: {d.provider} says {theirs}, against {against}; the explainer finds {ours}: {verdict}"
-    )
+    said = f"{d.provider} says {theirs}, against {against}; the explainer finds {ours}: {verdict}"
+    return f"line {d.line}: {said}" if with_line else said
 
 
 def print_diagnoses(diagnoses: Sequence[Diagnosis], totals: Totals, console: Any) -> None:
@@ -524,9 +529,7 @@ def print_diagnoses(diagnoses: Sequence[Diagnosis], totals: Totals, console: Any
 
     if not diagnoses:
         return
-    for d in diagnoses:
-        if d.outcome in ("none_reported", "hit") and d.agrees is not False:
-            continue
+    for d in filter(diagnosis_worth_showing, diagnoses):
         console.print(Text(diagnosis_line(d), style="yellow" if d.agrees is False else ""))
     console.print(Text(diagnoses_summary(totals), style="yellow" if totals.diagnoses_disagree else "green"))
 

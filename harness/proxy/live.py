@@ -365,7 +365,7 @@ class Worker:
     # ------------------------------------------------------------------ the console
 
     def show(self, line: int, record: dict[str, Any], result: Any, outcome: _Outcome) -> None:
-        from harness.explain.report import diagnosis_line
+        from harness.explain.report import diagnosis_line, diagnosis_worth_showing
 
         api = str(record.get("url", "")).rstrip("/").rsplit("/", 1)[-1]
         api = {"completions": "chat"}.get(api, api)
@@ -408,8 +408,8 @@ class Worker:
             self.show_break(e, result.priced)
         self.show_provider_breaks(e, result.priced)
         d = result.diagnosis
-        if d is not None and (d.outcome not in ("none_reported", "hit") or d.agrees is False):
-            self.say("  " + diagnosis_line(d).split(": ", 1)[1], "yellow" if d.agrees is False else None)
+        if d is not None and diagnosis_worth_showing(d):
+            self.say("  " + diagnosis_line(d, with_line=False), "yellow" if d.agrees is False else None)
 
     def show_break(self, e: Any, priced: dict[str, Any]) -> None:
         d, b = e.divergence, self.block_size
@@ -429,6 +429,8 @@ class Worker:
     def show_provider_breaks(self, e: Any, priced: dict[str, Any]) -> None:
         """What a provider's own reading of the body finds and the local rendering does not (e.g.
         a tool list the local template does not render), or a loss with nothing changed."""
+        from harness.explain.costs import UNKNOWN
+
         for name, p in priced.items():
             loss = p.loss
             if loss is None or loss.same_as_local:
@@ -443,7 +445,7 @@ class Worker:
                 )
                 if c.hint is not None:
                     self.say(f"  hint   {c.hint.describe()}", "yellow")
-            elif loss.cause == "unknown":
+            elif loss.cause == UNKNOWN:
                 self.say(
                     f"  {name}: lost {tilde}${loss.usd:,.4f} with nothing changed in the bodies: the "
                     "provider's side (an eviction, the TTL, routing)",

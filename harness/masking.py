@@ -235,13 +235,6 @@ class Break:
         }
 
 
-def first_changed(old: list[str], new: list[str]) -> int:
-    """Index of the first position where two tool lists differ."""
-    return next(
-        (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new))
-    )
-
-
 def explain_wrong(
     variant: VariantResult,
     requests: list[AgentRequest],
@@ -274,7 +267,7 @@ def explain_wrong(
         assert before is not None and before.prompt_token_ids is not None
         old = [tool_name(t) for t in previous.options.tools or []]
         new = [tool_name(t) for t in request.options.tools or []]
-        at = first_changed(old, new)
+        at = common_prefix_len(old, new)  # the first tool that differs
         source = explanation.cached_from_line
         breaks.append(
             Break(
